@@ -1,0 +1,7 @@
+"""Training-time behaviour that is not the model's job: averaging, sampling, exporting."""
+
+from diffusion_lab.callbacks.ema import EMA, ema_weights
+from diffusion_lab.callbacks.pipeline_export import PipelineExport
+from diffusion_lab.callbacks.sample_grid import SampleGrid
+
+__all__ = ["EMA", "PipelineExport", "SampleGrid", "ema_weights"]

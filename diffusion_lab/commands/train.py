@@ -1,0 +1,50 @@
+"""`diffusion-lab train`: fit, then print where everything went."""
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.callbacks import PipelineExport, SampleGrid
+from diffusion_lab.commands.instantiate import build_run
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Returns `cfg.optimized_metric` (e.g. val/loss) so Hydra sweepers can minimise it."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    datamodule, model, trainer = build_run(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.is_global_zero:
+        print(summary(trainer, output_dir))
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    return None if metric is None else float(metric)
+
+
+def summary(trainer: L.Trainer, output_dir: Path) -> str:
+    """The closing lines of a run: what it wrote, and where."""
+    rows = [("run directory", output_dir), ("resolved config", output_dir / "config.yaml")]
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            rows.append(("checkpoints", callback.dirpath))
+            if callback.last_model_path:
+                rows.append(("last checkpoint", callback.last_model_path))
+        elif isinstance(callback, SampleGrid) and callback.last_path:
+            rows.append(("final sample grid", callback.last_path))
+        elif isinstance(callback, PipelineExport) and callback.exported:
+            rows.append(("diffusers pipeline", callback.exported))
+    for logger in trainer.loggers:
+        metrics_file = Path(logger.log_dir or "") / "metrics.csv" if hasattr(logger, "log_dir") else None
+        if metrics_file is not None and metrics_file.exists():
+            rows.append(("metrics", metrics_file))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {path}" for name, path in rows]
+    metrics = {
+        k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
+    }
+    return "\n".join(["", f"Finished at step {trainer.global_step}: {metrics}", *lines])

@@ -1,0 +1,35 @@
+"""Converting network-scale tensors to pictures on disk."""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats (B, C, H, W) to uint8 (B, C, H, W), clipping what the sampler overshoots."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """One PIL image per item; one channel gives a grayscale picture."""
+    pictures = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pictures]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, upscale_to: int = 64) -> Path:
+    """Save a square-ish grid; small images are upscaled (nearest) so a 16 px grid is readable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(to_uint8(images), nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=255)
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    scale = max(1, upscale_to // images.shape[-1])
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    temporary = path.with_suffix(".tmp.png")
+    picture.save(temporary)
+    os.replace(temporary, path)
+    return path

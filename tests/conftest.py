@@ -1,0 +1,41 @@
+"""Shared fixtures: offline environment and composing the real configs with tiny overrides."""
+
+import os
+
+for variable, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
+    os.environ.setdefault(variable, value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from diffusion_lab.cli import CONFIG_DIR  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# A run that exercises every stage in seconds: tiny UNet, 8 px digits, a handful of steps.
+TINY = [
+    "model/net=unet_tiny",
+    "data.image_size=8",
+    "data.batch_size=8",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+    "callbacks.sample_grid.num_images=4",
+    "callbacks.sample_grid.num_inference_steps=2",
+    "model.lr_scheduler.num_warmup_steps=2",
+]
+
+
+@pytest.fixture
+def compose_config(tmp_path):
+    """compose_config(*overrides, config_name="train") -> the composed config, output dir in tmp_path."""
+
+    def _compose(*overrides: str, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+    yield _compose
+    GlobalHydra.instance().clear()

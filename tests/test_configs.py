@@ -1,0 +1,74 @@
+"""Every config composes; every experiment builds its model."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from diffusion_lab.cli import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR).parent / "experiments").glob("*.yaml"))
+NETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "net").glob("*.yaml"))
+
+
+def test_experiments_are_found():
+    assert {"ddpm_flowers_128", "ddpm_butterflies_128"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_model(compose_config, experiment):
+    cfg = compose_config(f"experiment={experiment}")
+    assert cfg.run_name == experiment
+    model = instantiate(cfg.model)
+    assert model.net.config.sample_size == cfg.data.image_size
+    assert cfg.trainer.max_steps > 0
+
+
+def test_flowers_recipe_has_the_seed_hyperparameters(compose_config):
+    cfg = compose_config("experiment=ddpm_flowers_128")
+    assert list(cfg.model.net.block_out_channels) == [64, 128, 256, 512]
+    assert cfg.model.lr == 2e-5 and cfg.data.batch_size == 16 and cfg.trainer.accumulate_grad_batches == 2
+    assert cfg.callbacks.ema.decay == 0.995 and cfg.trainer.max_steps == 20000
+    assert cfg.data.path == "nelorth/oxford-flowers" and cfg.model.noise_scheduler.num_train_timesteps == 1000
+
+
+def test_butterflies_recipe_has_the_tutorial_unet(compose_config):
+    cfg = compose_config("experiment=ddpm_butterflies_128")
+    net = instantiate(cfg.model.net)
+    assert list(net.config.block_out_channels) == [128, 128, 256, 256, 512, 512]
+    assert (
+        net.config.down_block_types[4] == "AttnDownBlock2D"
+        and net.config.up_block_types[1] == "AttnUpBlock2D"
+    )
+    assert cfg.data.path == "huggan/smithsonian_butterflies_subset" and cfg.data.random_flip
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_every_net_builds_at_its_smallest_valid_size(compose_config, net):
+    cfg = compose_config(f"model/net={net}", "data.image_size=32")
+    assert instantiate(cfg.model.net).config.sample_size == 32
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model/noise_scheduler=ddpm_cosine"],
+        ["model/lr_scheduler=constant"],
+        ["trainer=cpu"],
+        ["trainer=gpu"],
+        ["debug=fast"],
+        ["callbacks=none"],
+        [
+            "model.noise_scheduler.prediction_type=v_prediction",
+            "model.noise_scheduler.rescale_betas_zero_snr=true",
+        ],
+    ],
+)
+def test_config_group_options_compose(compose_config, overrides):
+    cfg = compose_config(*overrides)
+    instantiate(cfg.model.noise_scheduler)
+
+
+def test_image_size_drives_the_net(compose_config):
+    cfg = compose_config("data.image_size=32")
+    assert instantiate(cfg.model.net).config.sample_size == 32

@@ -1,0 +1,64 @@
+"""Exact resume: N steps, checkpoint, resume, N more == 2N straight (weights, EMA, optimizer, data)."""
+
+import torch
+
+from diffusion_lab.commands.instantiate import build_run
+from tests.conftest import TINY
+
+STEPS = 8  # total; the checkpoint at STEPS/2 lands mid-epoch (an epoch is 20 batches of 72)
+
+
+def _run(compose_config, out_dir, *overrides):
+    cfg = compose_config(
+        *TINY,
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_check_interval=1000",
+        f"callbacks.model_checkpoint.every_n_train_steps={STEPS // 2}",
+        f"callbacks.model_checkpoint.dirpath={out_dir}/checkpoints",
+        f"callbacks.sample_grid.dirpath={out_dir}/samples",
+        f"callbacks.pipeline_export.dirpath={out_dir}/pipeline",
+        f"logger.csv.save_dir={out_dir}",
+        "data.batch_size=72",
+        *overrides,
+    )
+    datamodule, model, trainer = build_run(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")
+    return model, ema, trainer
+
+
+def test_resume_equals_straight_run(compose_config, tmp_path):
+    straight, straight_ema, _ = _run(compose_config, tmp_path / "straight")
+    half = tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt"
+    assert half.exists()
+    checkpoint = torch.load(half, weights_only=False)
+    assert checkpoint["global_step"] == STEPS // 2 and "EMA" in checkpoint["callbacks"]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "data position not checkpointed"
+
+    resumed, resumed_ema, trainer = _run(compose_config, tmp_path / "resumed", f"ckpt_path={half}")
+    assert trainer.global_step == STEPS
+    for (name, a), b in zip(
+        straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(straight_ema.ema.shadow_params, resumed_ema.ema.shadow_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert straight_ema.ema.optimization_step == resumed_ema.ema.optimization_step == STEPS
+
+
+def test_resume_without_the_data_position_would_differ(compose_config, tmp_path):
+    """The check above can fail: resuming at the start of the epoch replays batches and ends elsewhere."""
+    straight, _, _ = _run(compose_config, tmp_path / "straight")
+    checkpoint = torch.load(
+        tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt", weights_only=False
+    )
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(checkpoint, tmp_path / "no_data_position.ckpt")
+    replayed, _, _ = _run(
+        compose_config, tmp_path / "replayed", f"ckpt_path={tmp_path / 'no_data_position.ckpt'}"
+    )
+    differences = [
+        (a - b).abs().max().item()
+        for a, b in zip(straight.net.state_dict().values(), replayed.net.state_dict().values(), strict=True)
+    ]
+    assert max(differences) > 1e-5

@@ -1,4 +1,4 @@
-"""Exact resume: N steps, checkpoint, resume, N more == 2N straight (weights, EMA, optimizer, data)."""
+"""Exact resume: N steps, checkpoint, resume, N more == 2N straight (weights, EMA, optimizer, data, RNG)."""
 
 import torch
 
@@ -19,6 +19,7 @@ def _run(compose_config, out_dir, *overrides):
         f"callbacks.pipeline_export.dirpath={out_dir}/pipeline",
         f"logger.csv.save_dir={out_dir}",
         "data.batch_size=72",
+        "model.net.dropout=0.1",  # draws from the global RNG: its state must come back too
         *overrides,
     )
     datamodule, model, trainer = build_run(cfg)
@@ -44,6 +45,22 @@ def test_resume_equals_straight_run(compose_config, tmp_path):
     for a, b in zip(straight_ema.ema.shadow_params, resumed_ema.ema.shadow_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert straight_ema.ema.optimization_step == resumed_ema.ema.optimization_step == STEPS
+
+
+def test_resume_without_the_rng_states_would_differ(compose_config, tmp_path):
+    """Dropout draws from the global generator: without its saved state the resumed run drifts."""
+    straight, _, _ = _run(compose_config, tmp_path / "straight")
+    checkpoint = torch.load(
+        tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt", weights_only=False
+    )
+    del checkpoint["callbacks"]["RNGStates"]
+    torch.save(checkpoint, tmp_path / "no_rng.ckpt")
+    drifted, _, _ = _run(compose_config, tmp_path / "drifted", f"ckpt_path={tmp_path / 'no_rng.ckpt'}")
+    differences = [
+        (a - b).abs().max().item()
+        for a, b in zip(straight.net.state_dict().values(), drifted.net.state_dict().values(), strict=True)
+    ]
+    assert max(differences) > 1e-5
 
 
 def test_resume_without_the_data_position_would_differ(compose_config, tmp_path):

@@ -43,6 +43,7 @@ class EMA(L.Callback):
         self._state_to_load: dict | None = None
         self._last_step = 0
         self._swapped = False
+        self._validation_context: contextlib.AbstractContextManager | None = None
 
     @property
     def state_key(self) -> str:
@@ -98,7 +99,7 @@ class EMA(L.Callback):
             self._validation_context.__enter__()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        context = getattr(self, "_validation_context", None)
+        context = self._validation_context
         if context is not None:
             self._validation_context = None
             context.__exit__(None, None, None)

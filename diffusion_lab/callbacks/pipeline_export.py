@@ -14,9 +14,8 @@ class PipelineExport(L.Callback):
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
-        self.exported: Path | None = None
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with ema_weights(trainer, pl_module):
-            self.exported = save_ddpm_pipeline(pl_module.net, pl_module.noise_scheduler, self.dirpath)
+            save_ddpm_pipeline(pl_module.net, pl_module.noise_scheduler, self.dirpath)

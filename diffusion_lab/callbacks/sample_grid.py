@@ -32,7 +32,6 @@ class SampleGrid(L.Callback):
         self.scheduler_name = scheduler
         self.num_inference_steps = num_inference_steps
         self.seed = seed
-        self.last_path: Path | None = None
 
     @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
@@ -61,7 +60,6 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
-        self.last_path = path
         return path
 
     @rank_zero_only

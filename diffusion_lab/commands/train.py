@@ -4,6 +4,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import PipelineExport, SampleGrid
@@ -27,21 +28,24 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def summary(trainer: L.Trainer, output_dir: Path) -> str:
-    """The closing lines of a run: what it wrote, and where."""
+    """The closing lines of a run: what it wrote, and where (read from disk, so it holds under ddp_spawn)."""
     rows = [("run directory", output_dir), ("resolved config", output_dir / "config.yaml")]
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            rows.append(("checkpoints", callback.dirpath))
-            if callback.last_model_path:
-                rows.append(("last checkpoint", callback.last_model_path))
-        elif isinstance(callback, SampleGrid) and callback.last_path:
-            rows.append(("final sample grid", callback.last_path))
-        elif isinstance(callback, PipelineExport) and callback.exported:
-            rows.append(("diffusers pipeline", callback.exported))
-    for logger in trainer.loggers:
-        metrics_file = Path(logger.log_dir or "") / "metrics.csv" if hasattr(logger, "log_dir") else None
-        if metrics_file is not None and metrics_file.exists():
-            rows.append(("metrics", metrics_file))
+            rows += [
+                ("checkpoints", Path(callback.dirpath)),
+                ("last checkpoint", Path(callback.dirpath) / "last.ckpt"),
+            ]
+        elif isinstance(callback, SampleGrid):
+            rows.append(("final sample grid", callback.dirpath / "final.png"))
+        elif isinstance(callback, PipelineExport):
+            rows.append(("diffusers pipeline", callback.dirpath))
+    rows += [
+        ("metrics", Path(logger.log_dir) / "metrics.csv")
+        for logger in trainer.loggers
+        if isinstance(logger, CSVLogger)
+    ]
+    rows = [(name, path) for name, path in rows if path.exists()]
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name:<{width}}  {path}" for name, path in rows]
     metrics = {

@@ -39,3 +39,19 @@ def compose_config(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def bare_trainer(max_steps: int, **kwargs):
+    """A CPU Trainer with nothing but the training loop (no logger, checkpoints, validation or bars)."""
+    import lightning as L
+
+    settings = dict(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**settings, **kwargs})

@@ -1,26 +1,17 @@
 """EMA: averages only the trainable net, only on optimizer steps, and swaps back cleanly."""
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.callbacks import EMA
-from tests.conftest import TINY
+from tests.conftest import TINY, bare_trainer
 
 
 def _fit(compose_config, callback, *overrides, max_steps=2):
     cfg = compose_config(*TINY, *overrides)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        enable_model_summary=False,
-        callbacks=[callback],
-        accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches),
+    trainer = bare_trainer(
+        max_steps, callbacks=[callback], accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches)
     )
     trainer.fit(model, datamodule=data)
     return model, trainer

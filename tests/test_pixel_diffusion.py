@@ -1,10 +1,9 @@
 """The LightningModule learns: weights move, loss is finite and falls."""
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import TINY
+from tests.conftest import TINY, bare_trainer
 
 
 def _tiny_model(compose_config, *overrides):
@@ -17,15 +16,7 @@ def test_one_step_changes_the_weights_and_gives_a_finite_loss(compose_config):
     model, data = _tiny_model(compose_config, "model.lr_scheduler.num_warmup_steps=0")
     data.setup("fit")
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(1)
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = [k for k, v in model.net.state_dict().items() if not torch.equal(v, before[k])]

@@ -1,5 +1,6 @@
 """Exact resume: N steps, checkpoint, resume, N more == 2N straight (weights, EMA, optimizer, data, RNG)."""
 
+import pytest
 import torch
 
 from diffusion_lab.commands.instantiate import build_run
@@ -47,35 +48,26 @@ def test_resume_equals_straight_run(compose_config, tmp_path):
     assert straight_ema.ema.optimization_step == resumed_ema.ema.optimization_step == STEPS
 
 
-def test_resume_without_the_rng_states_would_differ(compose_config, tmp_path):
-    """Dropout draws from the global generator: without its saved state the resumed run drifts."""
+@pytest.mark.parametrize(
+    "state_path",
+    [("callbacks", "RNGStates"), ("loops", "fit_loop", "state_dict", "combined_loader")],
+    ids=["without-rng-states", "without-data-position"],
+)
+def test_resume_missing_a_piece_of_state_would_differ(compose_config, tmp_path, state_path):
+    """The check above can fail: drop the RNG states (dropout drifts) or the data position (batches are
+    replayed from the epoch start) and the resumed run ends elsewhere."""
     straight, _, _ = _run(compose_config, tmp_path / "straight")
-    checkpoint = torch.load(
-        tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt", weights_only=False
-    )
-    del checkpoint["callbacks"]["RNGStates"]
-    torch.save(checkpoint, tmp_path / "no_rng.ckpt")
-    drifted, _, _ = _run(compose_config, tmp_path / "drifted", f"ckpt_path={tmp_path / 'no_rng.ckpt'}")
+    half = tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt"
+    checkpoint = torch.load(half, weights_only=False)
+    *parents, leaf = state_path
+    container = checkpoint
+    for key in parents:
+        container = container[key]
+    del container[leaf]
+    torch.save(checkpoint, tmp_path / "incomplete.ckpt")
+    resumed, _, _ = _run(compose_config, tmp_path / "resumed", f"ckpt_path={tmp_path / 'incomplete.ckpt'}")
     differences = [
         (a - b).abs().max().item()
-        for a, b in zip(straight.net.state_dict().values(), drifted.net.state_dict().values(), strict=True)
-    ]
-    assert max(differences) > 1e-5
-
-
-def test_resume_without_the_data_position_would_differ(compose_config, tmp_path):
-    """The check above can fail: resuming at the start of the epoch replays batches and ends elsewhere."""
-    straight, _, _ = _run(compose_config, tmp_path / "straight")
-    checkpoint = torch.load(
-        tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt", weights_only=False
-    )
-    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    torch.save(checkpoint, tmp_path / "no_data_position.ckpt")
-    replayed, _, _ = _run(
-        compose_config, tmp_path / "replayed", f"ckpt_path={tmp_path / 'no_data_position.ckpt'}"
-    )
-    differences = [
-        (a - b).abs().max().item()
-        for a, b in zip(straight.net.state_dict().values(), replayed.net.state_dict().values(), strict=True)
+        for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values(), strict=True)
     ]
     assert max(differences) > 1e-5

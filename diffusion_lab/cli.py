@@ -16,6 +16,7 @@ COMMANDS = {
 }
 BENCH_CASES = {
     "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
+    "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
 }
 
 USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--help]

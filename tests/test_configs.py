@@ -69,6 +69,15 @@ def test_config_group_options_compose(compose_config, overrides):
     instantiate(cfg.model.noise_scheduler)
 
 
+DATA = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_every_data_config_composes_with_the_model_following_its_shape(compose_config, data):
+    cfg = compose_config(f"data={data}", *([] if data == "digits" else ["data.path=/some/local/copy"]))
+    assert cfg.data.image_size > 0 and cfg.model.net.in_channels == cfg.data.channels
+
+
 def test_image_size_drives_the_net(compose_config):
     cfg = compose_config("data.image_size=32")
     assert instantiate(cfg.model.net).config.sample_size == 32

@@ -71,3 +71,20 @@ def test_resume_missing_a_piece_of_state_would_differ(compose_config, tmp_path, 
         for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values(), strict=True)
     ]
     assert max(differences) > 1e-5
+
+
+def test_resume_equals_straight_run_on_a_local_image_folder(compose_config, tmp_path):
+    """The same through the ImageDataModule's stream: its position lives in the Lightning checkpoint."""
+    from tests import builders
+
+    builders.write_image_folder(tmp_path / "images", per_class=9)
+    data = [f"data.path={tmp_path / 'images'}", "data.batch_size=4", "data.num_workers=0", "data.val_size=3"]
+    straight, _, _ = _run(compose_config, tmp_path / "straight", "data=imagefolder", *data)
+    half = tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt"
+    stream_state = torch.load(half, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][
+        0
+    ]
+    assert stream_state["dataset_state"]["position"] == STEPS // 2 * 4  # 16 of 24 rows: mid-epoch
+    resumed, _, _ = _run(compose_config, tmp_path / "resumed", "data=imagefolder", *data, f"ckpt_path={half}")
+    for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

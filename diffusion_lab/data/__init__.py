@@ -1,6 +1,6 @@
-"""LightningDataModules. Batches are dicts: `pixels` in [-1, 1], `index`, and `label` where there is one."""
+"""LightningDataModules. Batches are dicts: `pixels` in [-1, 1], `index`, and `label` / `caption` where configured."""
 
 from diffusion_lab.data.digits import DigitsDataModule
-from diffusion_lab.data.hf_images import HFImageDataModule
+from diffusion_lab.data.image_datamodule import ImageDataModule
 
-__all__ = ["DigitsDataModule", "HFImageDataModule"]
+__all__ = ["DigitsDataModule", "ImageDataModule"]

@@ -193,7 +193,7 @@ def _identity_stream(dataset, rank, world, streaming, epochs=1, shuffle=True):
     if streaming:
         dataset = dataset.to_iterable_dataset(num_shards=4)
     return ImageStream(
-        dataset, lambda row, generator: {"n": row["n"]}, rank=rank, world_size=world, shuffle=shuffle, seed=3,
+        dataset, lambda row, entropy: {"n": row["n"]}, rank=rank, world_size=world, shuffle=shuffle, seed=3,
         shuffle_buffer=8, epochs=epochs,
     )  # fmt: skip
 
@@ -237,3 +237,14 @@ def test_epochs_are_reshuffled():
     stream = _identity_stream(dataset, 0, 1, streaming=False, epochs=2)
     order = [example["n"] for example in stream]
     assert sorted(order[:16]) == sorted(order[16:]) == list(range(16)) and order[:16] != order[16:]
+
+
+def test_random_crop_and_flip_follow_the_entropy_bits():
+    from diffusion_lab.data.transforms import SquareCrop
+
+    image = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
+    crop = SquareCrop(10, center_crop=False, random_flip=True)
+    outputs = {tuple(crop(image, entropy).flatten().tolist()) for entropy in range(0, 2**26, 2**20 + 3)}
+    assert len(outputs) > 10  # different offsets and flips
+    assert torch.equal(crop(image, 12345), crop(image, 12345))
+    assert torch.equal(crop(image, 0b10), crop(image, 0b11).flip(1))  # bit 0 flips, nothing else changes

@@ -29,3 +29,9 @@ def test_keyed_noise_is_standard_normal_and_offset_shifts_channel_means():
     assert channel_means.std().item() > 0.3  # one constant per image and channel, std 0.5
     timesteps = keyed_timesteps(keys, 1000, "cpu")
     assert timesteps.min() >= 0 and timesteps.max() < 1000 and len(timesteps.unique()) > 300
+
+
+def test_every_bit_of_the_keys_is_a_fair_coin():
+    keys = torch.tensor(sample_keys(0, 0, torch.arange(4000)))
+    for bit in (0, 1, 8, 24, 40, 62):
+        assert abs(((keys >> bit) & 1).float().mean().item() - 0.5) < 0.04

@@ -7,17 +7,21 @@ batch B draws exactly what a 1-process run with batch 2B draws, whatever RNG oth
 
 import torch
 
-_MIX_A, _MIX_B, _MASK = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def mix_key(seed: int, step: int, sample_id: int) -> int:
+    """A 63-bit key for (seed, step, sample): splitmix64's finaliser over a combination of the three, so
+    nearby inputs give unrelated keys and every bit of the key is usable as a coin flip."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03 + sample_id * 0xABC98388FB8FAC03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 def sample_keys(seed: int, step: int, sample_ids: torch.Tensor) -> list[int]:
-    """One 63-bit generator seed per image (a splitmix-style mix, so nearby ids give unrelated streams)."""
-    keys = []
-    for sample_id in sample_ids.tolist():
-        key = (seed * _MIX_A + step * _MIX_B + int(sample_id) * 0x94D049BB133111EB) & _MASK
-        key ^= key >> 31
-        keys.append(key)
-    return keys
+    """One generator seed per image."""
+    return [mix_key(seed, step, int(sample_id)) for sample_id in sample_ids.tolist()]
 
 
 def _generators(keys: list[int], device: torch.device) -> list[torch.Generator]:

@@ -97,9 +97,9 @@ class ImageDataModule(L.LightningDataModule):
             h.caption_column, h.caption_template, h.label_column, self._label_names(dataset), h.label_display
         )
 
-        def to_example(row: dict, generator) -> dict:
+        def to_example(row: dict, entropy: int) -> dict:
             image = decode_image(row[h.image_column], h.channels, min_size=h.image_size)
-            example = {"pixels": transform(image, generator)}
+            example = {"pixels": transform(image, entropy)}
             if h.label_column:
                 example["label"] = row[h.label_column]
             if captions.enabled:

@@ -8,6 +8,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset, get_worker_info
 
+from diffusion_lab.core.random import mix_key
 from diffusion_lab.data.decoding import BadDataTally, BadSample
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,15 @@ class ImageStream(IterableDataset):
     with a buffer reseeded per epoch (`set_epoch`); its position comes from `IterableDataset.state_dict()`
     (the shuffle buffer's contents are not part of that state, as the datasets docs say).
 
-    `epochs=None` streams forever: training length is `trainer.max_steps`. `to_example(row, generator)`
-    decodes a row or raises BadSample, which is skipped and counted; its random augmentation draws from
-    `generator`, seeded from (seed, epoch, row), so it does not depend on workers, ranks or resumes.
+    `epochs=None` streams forever: training length is `trainer.max_steps`. `to_example(row, entropy)`
+    decodes a row or raises BadSample, which is skipped and counted; its random augmentation uses the bits
+    of `entropy`, a hash of (seed, epoch, row), so it does not depend on workers, ranks or resumes.
     """
 
     def __init__(
         self,
         dataset: datasets.Dataset | datasets.IterableDataset,
-        to_example: Callable[[dict, torch.Generator], dict],
+        to_example: Callable[[dict, int], dict],
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -92,9 +93,9 @@ class ImageStream(IterableDataset):
         while self.epochs is None or self.epoch < self.epochs:
             yielded = 0
             for index, row in rows(worker, workers):
-                generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+                entropy = mix_key(self.seed, self.epoch, index)
                 try:
-                    example = self.to_example(row, generator)
+                    example = self.to_example(row, entropy)
                 except BadSample as error:
                     self.tally.skip(self.describe_row(row, index), str(error))
                     continue

@@ -248,3 +248,11 @@ def test_random_crop_and_flip_follow_the_entropy_bits():
     assert len(outputs) > 10  # different offsets and flips
     assert torch.equal(crop(image, 12345), crop(image, 12345))
     assert torch.equal(crop(image, 0b10), crop(image, 0b11).flip(1))  # bit 0 flips, nothing else changes
+
+
+def test_validation_stream_repeats_in_full_with_persistent_workers(tmp_path):
+    builders.write_image_folder(tmp_path, per_class=20)
+    module = _module(tmp_path, num_workers=1, val_size=5)
+    loader = module.val_dataloader()
+    first, second = ([i for batch in loader for i in batch["index"].tolist()] for _ in range(2))
+    assert len(first) == 5 and first == second

@@ -13,7 +13,7 @@ from diffusion_lab.images import save_grid
 
 
 class SampleGrid(L.Callback):
-    """Writes `<dirpath>/step_XXXXXXX.png` at each validation and `<dirpath>/final.png` at the end.
+    """Writes `<dirpath>/step_<global step, 7 digits>.png` at each validation and `<dirpath>/final.png` at the end.
 
     The same seed every time, so successive grids show the same noise being denoised by a better model.
     A class-conditional net gets labels 0, 1, 2, ... cycling over its classes.

@@ -13,6 +13,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMMANDS = {
     "train": ("diffusion_lab.commands.train", "train", "train"),
     "export": ("diffusion_lab.commands.export", "export", "export"),
+    "tiny-sd": ("diffusion_lab.commands.tiny_sd", "tiny_sd", "tiny_sd"),
 }
 BENCH_CASES = {
     "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
@@ -24,6 +25,7 @@ USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--hel
 commands:
   train              train a model (no arguments: DDPM on the embedded digits)
   export             Lightning checkpoint -> diffusers pipeline folder: ckpt=PATH out=DIR
+  tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out=DIR
   bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
 
 Every config value is overridable (model.lr=1e-4 trainer.max_steps=500); `--help` after a command lists

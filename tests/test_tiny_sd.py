@@ -1,0 +1,51 @@
+"""The tiny Stable Diffusion folder loads through the same from_pretrained paths as the real checkpoint."""
+
+import json
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffusion_lab.tiny_sd import build_tiny_sd
+from tests.test_commands import cli
+
+
+def test_tiny_sd_has_the_standard_layout_and_loads_component_by_component(tmp_path):
+    path = build_tiny_sd(tmp_path / "tiny")
+    assert {p.name for p in path.iterdir()} >= {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+    }
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    ids = tokenizer("a handwritten digit seven").input_ids
+    assert (
+        ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 6
+    )  # whole words
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert unet.config.in_channels == vae.config.latent_channels
+
+
+def test_tiny_sd_pipeline_generates_and_follows_the_prompt(tmp_path):
+    pipeline = DiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "tiny"))
+
+    def generate(**kwargs):
+        return pipeline(num_inference_steps=2, height=32, width=32, output_type="pt",
+                        generator=torch.Generator().manual_seed(0), **kwargs).images  # fmt: skip
+
+    first = generate(prompt="a red flower")
+    assert first.shape == (1, 3, 32, 32)
+    assert torch.equal(first, generate(prompt="a red flower"))
+    assert not torch.equal(first, generate(prompt="a red flower", negative_prompt="blue"))
+
+
+def test_tiny_sd_command(tmp_path):
+    result = cli("tiny-sd", f"out={tmp_path / 'tiny'}")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tiny_sd"] == str(tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "model_index.json").exists()

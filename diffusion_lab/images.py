@@ -14,12 +14,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """One PIL image per item; one channel gives a grayscale picture."""
-    pictures = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pictures]
-
-
 def save_grid(images: torch.Tensor, path: str | Path, upscale_to: int = 64) -> Path:
     """Save a square-ish grid; small images are upscaled (nearest) so a 16 px grid is readable."""
     path = Path(path)

@@ -12,14 +12,24 @@ from diffusion_lab.data.loaders import resumable_loader
 class TensorImages(Dataset):
     """Images already decoded and resized in memory: (N, C, H, W) in [-1, 1] plus labels."""
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        caption_template: str | None = None,
+    ) -> None:
         self.pixels, self.labels, self.indices = pixels, labels, indices
+        self.caption_template = caption_template
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixels": self.pixels[i], "label": self.labels[i], "index": self.indices[i]}
+        item = {"pixels": self.pixels[i], "label": self.labels[i], "index": self.indices[i]}
+        if self.caption_template is not None:
+            item["caption"] = self.caption_template.format(label=int(self.labels[i]))
+        return item
 
 
 def digits_as_images(image_size: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +54,7 @@ class DigitsDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
+        caption_template: str | None = None,  # e.g. "a handwritten digit {label}", for text-to-image
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -57,8 +68,9 @@ class DigitsDataModule(L.LightningDataModule):
         order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(self.hparams.seed))
         num_val = int(round(len(pixels) * self.hparams.val_fraction))
         val_ids, train_ids = order[:num_val], order[num_val:]
-        self.train_set = TensorImages(pixels[train_ids], labels[train_ids], train_ids)
-        self.val_set = TensorImages(pixels[val_ids], labels[val_ids], val_ids)
+        template = self.hparams.caption_template
+        self.train_set = TensorImages(pixels[train_ids], labels[train_ids], train_ids, template)
+        self.val_set = TensorImages(pixels[val_ids], labels[val_ids], val_ids, template)
 
     def train_dataloader(self):
         return resumable_loader(

@@ -1,0 +1,108 @@
+"""Latent diffusion fine-tuning on the tiny SD checkpoint: frozen parts stay frozen, the UNet learns."""
+
+import functools
+
+import pytest
+import torch
+
+from diffusion_lab.core import diffusion_loss, keyed_noise, keyed_timesteps, sample_keys
+from diffusion_lab.data import DigitsDataModule
+from diffusion_lab.models import LatentDiffusion
+from diffusion_lab.models.latent_diffusion import drop_captions
+from diffusion_lab.tiny_sd import build_tiny_sd
+from tests.conftest import bare_trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny_sd")
+
+
+def _model(tiny_sd, **overrides):
+    settings = dict(pretrained=str(tiny_sd), optimizer=functools.partial(torch.optim.AdamW), lr=1e-3)
+    return LatentDiffusion(**{**settings, **overrides})
+
+
+def _digits(batch_size=8):
+    data = DigitsDataModule(
+        image_size=32, channels=3, batch_size=batch_size, caption_template="a handwritten digit {label}"
+    )
+    data.setup("fit")
+    return data
+
+
+def test_fine_tuning_changes_only_the_unet(tiny_sd):
+    model = _model(tiny_sd)
+    frozen_before = {
+        k: v.clone() for k, v in {**model.vae.state_dict(), **model.text_encoder.state_dict()}.items()
+    }
+    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    trainer = bare_trainer(3)
+    trainer.fit(model, train_dataloaders=_digits().train_dataloader())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    frozen_after = {**model.vae.state_dict(), **model.text_encoder.state_dict()}
+    assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    assert sum(not torch.equal(unet_before[k], v) for k, v in model.unet.state_dict().items()) > 0.9 * len(
+        unet_before
+    )
+    model.train()  # what Lightning does at fit start: only the UNet switches to training mode
+    assert not model.vae.training and not model.text_encoder.training and model.unet.training
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.unet.parameters()}
+
+
+def test_caption_dropout_rate_is_honoured_and_keyed():
+    ids = torch.arange(5000)
+    captions = ["a handwritten digit 3"] * len(ids)
+    dropped = drop_captions(captions, 0, 7, ids, 0.1)
+    assert abs(sum(c == "" for c in dropped) / len(ids) - 0.1) < 0.015
+    assert dropped == drop_captions(captions, 0, 7, ids, 0.1)
+    assert dropped != drop_captions(captions, 0, 8, ids, 0.1)
+    assert "" not in drop_captions(captions, 0, 7, ids, 0.0) and set(
+        drop_captions(captions, 0, 7, ids, 1.0)
+    ) == {""}
+
+
+def test_v_prediction_target_matches_a_hand_computation(tiny_sd):
+    model = _model(tiny_sd, prediction_type="v_prediction")
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    batch = next(iter(_digits(4).train_dataloader()))
+    keys = sample_keys(0, 0, batch["index"])
+    latents = model.encode_images(batch["pixels"], keys)
+
+    class Zero(torch.nn.Module):  # predicts 0, so the loss is the mean square of the target
+        def forward(self, sample, timestep, **kwargs):
+            return type("Output", (), {"sample": torch.zeros_like(sample)})
+
+    loss = diffusion_loss(Zero(), model.noise_scheduler, latents, keys)
+    # By hand: v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0, with the same keyed eps and t.
+    t = keyed_timesteps(keys, 1000, latents.device)
+    eps = keyed_noise(keys, tuple(latents.shape[1:]), latents.device, latents.dtype)
+    abar = model.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * latents
+    torch.testing.assert_close(loss, (v**2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_validation_loss_is_deterministic(tiny_sd):
+    model = _model(tiny_sd).eval()
+    batch = next(iter(_digits(4).val_dataloader()))
+    assert "caption" in batch and batch["caption"][0].startswith("a handwritten digit ")
+    losses = []
+    model.log = lambda name, value, **kwargs: losses.append(value)
+    model.validation_step(batch, 0)
+    model.validation_step(batch, 0)
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+
+
+def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd, compose_config):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(
+        "model=latent_diffusion", f"model.pretrained={tiny_sd}", "model.gradient_checkpointing=true"
+    )
+    assert (
+        compose_config("model=latent_diffusion").model.pretrained
+        == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+    model = instantiate(cfg.model)
+    assert model.unet.is_gradient_checkpointing and model.hparams.caption_dropout == 0.1

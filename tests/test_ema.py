@@ -72,3 +72,12 @@ def test_ema_updates_under_ddp_and_one_run_directory_is_written(tmp_path):
         "pipeline",
         "samples",
     ]
+
+
+def test_an_ema_target_that_is_not_a_network_is_named(compose_config):
+    import pytest
+
+    with pytest.raises(
+        ValueError, match=r"callbacks.ema.target='unet' is not a network of the model; it has \['net'"
+    ):
+        _fit(compose_config, EMA(target="unet"))

@@ -106,3 +106,15 @@ def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd
     )
     model = instantiate(cfg.model)
     assert model.unet.is_gradient_checkpointing and model.hparams.caption_dropout == 0.1
+
+
+def test_pixel_only_callbacks_fail_at_the_start_with_a_way_out(tiny_sd, compose_config, tmp_path):
+    from diffusion_lab.commands.instantiate import build_run
+
+    cfg = compose_config("model=latent_diffusion", f"model.pretrained={tiny_sd}", "callbacks.ema.target=unet",
+                         "data.caption_template='a handwritten digit {label}'", "data.channels=3", "data.image_size=32")  # fmt: skip
+    datamodule, model, trainer = build_run(cfg)
+    with pytest.raises(
+        ValueError, match=r"callbacks.sample_grid works with pixel models .* ~callbacks.sample_grid"
+    ):
+        trainer.fit(model, datamodule=datamodule)

@@ -50,7 +50,13 @@ class EMA(L.Callback):
         return "EMA"
 
     def parameters(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        return list(getattr(pl_module, self.target).parameters())
+        network = getattr(pl_module, self.target, None)
+        if not isinstance(network, torch.nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"callbacks.ema.target={self.target!r} is not a network of the model; it has {children}"
+            )
+        return list(network.parameters())
 
     def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
         if self.ema is None:

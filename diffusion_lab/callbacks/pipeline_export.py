@@ -15,6 +15,13 @@ class PipelineExport(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "net"):  # fail at the start, not at the first validation
+            raise ValueError(
+                f"callbacks.pipeline_export works with pixel models (a `net`); {type(pl_module).__name__} has none. "
+                f"Remove it with ~callbacks.pipeline_export"
+            )
+
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with ema_weights(trainer, pl_module):

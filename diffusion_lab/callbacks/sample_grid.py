@@ -62,6 +62,13 @@ class SampleGrid(L.Callback):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
         return path
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "net"):  # fail at the start, not at the first validation
+            raise ValueError(
+                f"callbacks.sample_grid works with pixel models (a `net`); {type(pl_module).__name__} has none. "
+                f"Remove it with ~callbacks.sample_grid"
+            )
+
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

@@ -6,6 +6,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.pixel_only import require_pixel_model
 from diffusion_lab.export import save_ddpm_pipeline
 
 
@@ -16,11 +17,7 @@ class PipelineExport(L.Callback):
         self.dirpath = Path(dirpath)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "net"):  # fail at the start, not at the first validation
-            raise ValueError(
-                f"callbacks.pipeline_export works with pixel models (a `net`); {type(pl_module).__name__} has none. "
-                f"Remove it with ~callbacks.pipeline_export"
-            )
+        require_pixel_model(pl_module, "pipeline_export")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

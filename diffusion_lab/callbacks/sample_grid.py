@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.pixel_only import require_pixel_model
 from diffusion_lab.core import sample_images
 from diffusion_lab.core.schedulers import scheduler_from_name
 from diffusion_lab.images import save_grid
@@ -63,11 +64,7 @@ class SampleGrid(L.Callback):
         return path
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "net"):  # fail at the start, not at the first validation
-            raise ValueError(
-                f"callbacks.sample_grid works with pixel models (a `net`); {type(pl_module).__name__} has none. "
-                f"Remove it with ~callbacks.sample_grid"
-            )
+        require_pixel_model(pl_module, "sample_grid")
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -3,7 +3,7 @@
 Imports neither Lightning nor Hydra, so it can be read and tested on its own.
 """
 
-from diffusion_lab.core.loss import diffusion_loss, validation_timesteps
+from diffusion_lab.core.loss import diffusion_loss, held_out_draws, validation_timesteps
 from diffusion_lab.core.noise_process import (
     PREDICTION_TYPES,
     min_snr_weights,
@@ -19,6 +19,7 @@ from diffusion_lab.core.sampling import sample_images
 __all__ = [
     "PREDICTION_TYPES",
     "diffusion_loss",
+    "held_out_draws",
     "keyed_noise",
     "keyed_timesteps",
     "min_snr_weights",

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_lab.core.noise_process import min_snr_weights, signal_and_noise_scales, snr, training_target
-from diffusion_lab.core.random import keyed_noise, keyed_timesteps
+from diffusion_lab.core.random import keyed_noise, keyed_timesteps, sample_keys
 
 
 def diffusion_loss(
@@ -40,6 +40,14 @@ def diffusion_loss(
         snr(noise_scheduler.alphas_cumprod, timesteps), snr_gamma, config.prediction_type
     )
     return (per_image * weights).mean()
+
+
+def held_out_draws(
+    seed: int, sample_ids: torch.Tensor, num_train_timesteps: int, levels: int
+) -> tuple[list[int], torch.Tensor]:
+    """Keys and timesteps for held-out loss: the same noise and timestep for an image every time it is
+    evaluated (keyed on the image, not the step), so `val/loss` is comparable across runs."""
+    return sample_keys(seed, -1, sample_ids), validation_timesteps(sample_ids, num_train_timesteps, levels)
 
 
 def validation_timesteps(sample_ids: torch.Tensor, num_train_timesteps: int, levels: int) -> torch.Tensor:

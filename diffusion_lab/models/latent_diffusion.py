@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion_lab.core import diffusion_loss, sample_keys, validation_timesteps
+from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
 from diffusion_lab.core.random import mix_key
 from diffusion_lab.models.optimization import configure_optimizer
 
@@ -113,10 +113,10 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        keys = sample_keys(self.hparams.noise_seed, -1, batch["index"])
-        timesteps = validation_timesteps(
-            batch["index"], self.noise_scheduler.config.num_train_timesteps, self.hparams.val_timestep_levels
-        )
+        keys, timesteps = held_out_draws(
+            self.hparams.noise_seed, batch["index"], self.noise_scheduler.config.num_train_timesteps,
+            self.hparams.val_timestep_levels,
+        )  # fmt: skip
         loss = diffusion_loss(
             self.unet,
             self.noise_scheduler,

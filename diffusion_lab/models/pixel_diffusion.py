@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from diffusion_lab.core import diffusion_loss, sample_keys, validation_timesteps
+from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
 from diffusion_lab.models.optimization import configure_optimizer
 from diffusion_lab.models.serialization import describe_components
 
@@ -55,11 +55,10 @@ class PixelDiffusion(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise (keyed on the image, not the step) and fixed timesteps: comparable across runs.
-        keys = sample_keys(self.hparams.noise_seed, -1, batch["index"])
-        timesteps = validation_timesteps(
-            batch["index"], self.noise_scheduler.config.num_train_timesteps, self.hparams.val_timestep_levels
-        )
+        keys, timesteps = held_out_draws(
+            self.hparams.noise_seed, batch["index"], self.noise_scheduler.config.num_train_timesteps,
+            self.hparams.val_timestep_levels,
+        )  # fmt: skip
         loss = diffusion_loss(
             self.net,
             self.noise_scheduler,

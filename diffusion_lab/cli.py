@@ -18,6 +18,7 @@ COMMANDS = {
 BENCH_CASES = {
     "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
     "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
+    "latent_cache": ("diffusion_lab.commands.bench_latent_cache", "bench_latent_cache", "bench_latent_cache"),
 }
 
 USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--help]

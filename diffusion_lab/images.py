@@ -14,11 +14,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, upscale_to: int = 64) -> Path:
-    """Save a square-ish grid; small images are upscaled (nearest) so a 16 px grid is readable."""
+def save_grid(
+    images: torch.Tensor, path: str | Path, upscale_to: int = 64, columns: int | None = None
+) -> Path:
+    """Save a grid (square-ish unless `columns` is given); small images are upscaled (nearest) so a 16 px
+    grid is readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(to_uint8(images), nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=255)
+    grid = make_grid(
+        to_uint8(images), nrow=columns or math.ceil(math.sqrt(len(images))), padding=1, pad_value=255
+    )
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     scale = max(1, upscale_to // images.shape[-1])
     if scale > 1:

@@ -146,3 +146,15 @@ def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> 
     os.replace(staging / "pipeline", out_dir)
     shutil.rmtree(staging)
     return out_dir
+
+
+def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
+    """The folder, built first if it is not there yet (configs use it as `pretrained`)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model_index.json").exists():
+        try:
+            build_tiny_sd(out_dir, sample_size=sample_size, seed=seed)
+        except OSError:  # another process (a DDP rank) renamed its copy into place first
+            if not (out_dir / "model_index.json").exists():
+                raise
+    return str(out_dir)

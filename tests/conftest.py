@@ -35,10 +35,21 @@ def compose_config(tmp_path):
     def _compose(*overrides: str, config_name: str = "train"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+            defaults = [f"paths.output_dir={tmp_path}"]
+            if config_name == "train":  # never the user's ~/.cache
+                defaults.append(f"paths.cache_dir={tmp_path / 'cache'}")
+            return compose(config_name, overrides=[*defaults, *overrides])
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable Diffusion folder (32 px images, 16 px latents), built once per test session."""
+    from diffusion_lab.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny_sd")
 
 
 def bare_trainer(max_steps: int, **kwargs):

@@ -110,6 +110,45 @@ def test_bench_train_prints_one_json_line_with_both_sides():
     assert report["train_gflop_per_image"] > 0
 
 
+def test_bench_latent_cache_prints_cached_and_uncached_speeds(tmp_path):
+    result = cli("bench", "latent_cache", f"cache_dir={tmp_path}", "batch_size=2", "warmup_steps=1", "steps=1",
+                 "repeats=1")  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["uncached_img_s"] > 0 and report["cached_img_s"] > 0 and report["cache_build_img_s"] > 0
+    assert report["cached_vs_uncached"] == pytest.approx(
+        report["cached_img_s"] / report["uncached_img_s"], rel=0.01
+    )
+
+
 def test_bench_without_a_case_lists_the_cases():
     result = cli("bench", check=False)
     assert result.returncode != 0 and "valid cases: train" in result.stderr
+
+
+def test_sd_finetune_tiny_builds_its_checkpoint_trains_from_the_cache_and_exports(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    result = cli(
+        "train", "experiment=sd_finetune_tiny", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2", "callbacks.prompt_grid.every_n_steps=2",
+        "callbacks.prompt_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.progress_bar.refresh_rate=0", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert (cache / "tiny-sd-32" / "model_index.json").exists()
+    assert len(list((cache / "latents").glob("*/train/meta.json"))) == 1
+    assert "latent cache" in result.stdout and "diffusers pipeline" in result.stdout
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
+        "final.png", "step_0000002.png", "step_0000004.png",
+    ]  # fmt: skip
+    pipeline = DiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    images = pipeline("a handwritten digit 3", negative_prompt="a handwritten digit 8", num_inference_steps=2,
+                      output_type="np").images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3)
+    exported = json.loads(
+        cli("export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'out'}")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert exported["used_ema"] and exported["global_step"] == 4
+    from_checkpoint = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    exported_unet = from_checkpoint.unet.state_dict()  # the same EMA UNet the run exported
+    assert all(torch.equal(exported_unet[k], v) for k, v in pipeline.unet.state_dict().items())

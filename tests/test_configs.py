@@ -16,12 +16,25 @@ def test_experiments_are_found():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds_its_model(compose_config, experiment):
+def test_every_experiment_composes_and_builds_its_model(compose_config, experiment, tiny_sd):
     cfg = compose_config(f"experiment={experiment}")
-    assert cfg.run_name == experiment
-    model = instantiate(cfg.model)
-    assert model.net.config.sample_size == cfg.data.image_size
-    assert cfg.trainer.max_steps > 0
+    assert cfg.run_name == experiment and cfg.trainer.max_steps > 0
+    if cfg.model._target_.endswith("LatentDiffusion"):
+        if isinstance(cfg.model.pretrained, str):  # a hub id: nothing is downloaded in tests
+            cfg = compose_config(f"experiment={experiment}", f"model.pretrained={tiny_sd}")
+        model = instantiate(cfg.model)
+        assert model.unet.training and not model.vae.training
+    else:
+        model = instantiate(cfg.model)
+        assert model.net.config.sample_size == cfg.data.image_size
+
+
+def test_sd_finetune_recipe_has_the_seed_settings(compose_config):
+    cfg = compose_config("experiment=sd_finetune")
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.data.image_size == 512 and cfg.model.lr == 1e-5 and cfg.model.caption_dropout == 0.1
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
+    assert cfg.callbacks.ema.target == "unet" and cfg.latent_cache.pretrained == cfg.model.pretrained
 
 
 def test_flowers_recipe_has_the_seed_hyperparameters(compose_config):

@@ -8,14 +8,8 @@ import torch
 from diffusion_lab.core import diffusion_loss, keyed_noise, keyed_timesteps, sample_keys
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.models import LatentDiffusion
-from diffusion_lab.models.latent_diffusion import drop_captions
-from diffusion_lab.tiny_sd import build_tiny_sd
+from diffusion_lab.models.latent_diffusion import caption_dropout_mask
 from tests.conftest import bare_trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny_sd")
 
 
 def _model(tiny_sd, **overrides):
@@ -33,6 +27,7 @@ def _digits(batch_size=8):
 
 def test_fine_tuning_changes_only_the_unet(tiny_sd):
     model = _model(tiny_sd)
+    assert model.unet.training  # diffusers loads in eval mode; gradient checkpointing only acts in train mode
     frozen_before = {
         k: v.clone() for k, v in {**model.vae.state_dict(), **model.text_encoder.state_dict()}.items()
     }
@@ -53,14 +48,19 @@ def test_fine_tuning_changes_only_the_unet(tiny_sd):
 
 def test_caption_dropout_rate_is_honoured_and_keyed():
     ids = torch.arange(5000)
-    captions = ["a handwritten digit 3"] * len(ids)
-    dropped = drop_captions(captions, 0, 7, ids, 0.1)
-    assert abs(sum(c == "" for c in dropped) / len(ids) - 0.1) < 0.015
-    assert dropped == drop_captions(captions, 0, 7, ids, 0.1)
-    assert dropped != drop_captions(captions, 0, 8, ids, 0.1)
-    assert "" not in drop_captions(captions, 0, 7, ids, 0.0) and set(
-        drop_captions(captions, 0, 7, ids, 1.0)
-    ) == {""}
+    dropped = caption_dropout_mask(0, 7, ids, 0.1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.015
+    assert torch.equal(dropped, caption_dropout_mask(0, 7, ids, 0.1))
+    assert not torch.equal(dropped, caption_dropout_mask(0, 8, ids, 0.1))
+    assert not caption_dropout_mask(0, 7, ids, 0.0).any() and caption_dropout_mask(0, 7, ids, 1.0).all()
+
+
+def test_dropped_captions_become_the_empty_prompt(tiny_sd):
+    model = _model(tiny_sd)
+    batch = {"caption": ["a handwritten digit 3", "a handwritten digit 5"], "index": torch.arange(2)}
+    context = model.text_context(batch, torch.tensor([True, False]))
+    torch.testing.assert_close(context[0], model.encode_text([""])[0])
+    torch.testing.assert_close(context[1], model.encode_text(["a handwritten digit 5"])[0])
 
 
 def test_v_prediction_target_matches_a_hand_computation(tiny_sd):

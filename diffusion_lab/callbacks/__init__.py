@@ -2,7 +2,8 @@
 
 from diffusion_lab.callbacks.ema import EMA, ema_weights
 from diffusion_lab.callbacks.pipeline_export import PipelineExport
+from diffusion_lab.callbacks.prompt_grid import PromptGrid
 from diffusion_lab.callbacks.rng_state import RNGStates
 from diffusion_lab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["EMA", "PipelineExport", "RNGStates", "SampleGrid", "ema_weights"]
+__all__ = ["EMA", "PipelineExport", "PromptGrid", "RNGStates", "SampleGrid", "ema_weights"]

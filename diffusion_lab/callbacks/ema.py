@@ -9,7 +9,8 @@ from diffusers.training_utils import EMAModel
 
 
 class EMA(L.Callback):
-    """Average `pl_module.<target>` (the trainable net only: never a frozen VAE or text encoder).
+    """Average the trainable weights of `pl_module.<target>` (never a frozen VAE or text encoder; of a LoRA
+    UNet, the adapters).
 
     Every rank keeps its own copy; DDP keeps the weights identical across ranks, so the copies are too, and
     rank 0's is the one checkpointed. The average is swapped in for validation (samples, val/loss) and used
@@ -56,7 +57,7 @@ class EMA(L.Callback):
             raise ValueError(
                 f"callbacks.ema.target={self.target!r} is not a network of the model; it has {children}"
             )
-        return list(network.parameters())
+        return [parameter for parameter in network.parameters() if parameter.requires_grad]
 
     def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
         if self.ema is None:
@@ -111,9 +112,11 @@ class EMA(L.Callback):
             context.__exit__(None, None, None)
 
     def state_dict(self) -> dict:
-        return self.ema.state_dict() if self.ema is not None else {}
+        # `target` names the network the shadow weights belong to (what `diffusion-lab export` loads them into).
+        return {**self.ema.state_dict(), "target": self.target} if self.ema is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = {k: v for k, v in state_dict.items() if k != "target"}
         if state_dict:
             self._state_to_load = state_dict
             if self.ema is not None:  # restored after setup (FSDP, DeepSpeed): keep it on the weights' device

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.callbacks.pixel_only import require_pixel_model
 from diffusion_lab.core import sample_images
 from diffusion_lab.core.schedulers import scheduler_from_name
@@ -58,9 +59,7 @@ class SampleGrid(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         path = save_grid(self.generate(pl_module), self.dirpath / f"{name}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+        log_image_file(trainer, "samples", path)
         return path
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

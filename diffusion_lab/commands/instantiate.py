@@ -17,8 +17,14 @@ def instantiate_each(group: DictConfig | None) -> list:
 
 
 def build_run(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """DataModule, LightningModule and Trainer, in that order (the model reads nothing from the data)."""
+    """DataModule, LightningModule and Trainer, in that order (the model reads nothing from the data).
+
+    With `latent_cache` set, the data's DataModule is wrapped by the cache's, which feeds the model
+    cached latents and text embeddings instead of images and captions.
+    """
     datamodule = instantiate(cfg.data)
+    if cfg.get("latent_cache"):
+        datamodule = instantiate(cfg.latent_cache, images=datamodule)
     model = instantiate(cfg.model)
     trainer = instantiate(
         cfg.trainer,

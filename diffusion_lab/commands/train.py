@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.callbacks import PipelineExport, SampleGrid
+from diffusion_lab.callbacks import PipelineExport, PromptGrid, SampleGrid
 from diffusion_lab.commands.instantiate import build_run
 
 
@@ -36,10 +36,13 @@ def summary(trainer: L.Trainer, output_dir: Path) -> str:
                 ("checkpoints", Path(callback.dirpath)),
                 ("last checkpoint", Path(callback.dirpath) / "last.ckpt"),
             ]
-        elif isinstance(callback, SampleGrid):
+        elif isinstance(callback, SampleGrid | PromptGrid):
             rows.append(("final sample grid", callback.dirpath / "final.png"))
         elif isinstance(callback, PipelineExport):
             rows.append(("diffusers pipeline", callback.dirpath))
+    cache = getattr(trainer.datamodule, "cache_folder", None)
+    if cache is not None:
+        rows.append(("latent cache", cache("train").parent))
     rows += [
         ("metrics", Path(logger.log_dir) / "metrics.csv")
         for logger in trainer.loggers

@@ -13,13 +13,14 @@ from diffusion_lab.core.noise_process import (
     snr,
     training_target,
 )
-from diffusion_lab.core.random import keyed_noise, keyed_timesteps, sample_keys
+from diffusion_lab.core.random import keyed_gaussian_sample, keyed_noise, keyed_timesteps, sample_keys
 from diffusion_lab.core.sampling import sample_images
 
 __all__ = [
     "PREDICTION_TYPES",
     "diffusion_loss",
     "held_out_draws",
+    "keyed_gaussian_sample",
     "keyed_noise",
     "keyed_timesteps",
     "min_snr_weights",

@@ -52,3 +52,13 @@ def keyed_noise(
             noise = noise + offset * torch.randn((shape[0], 1, 1), generator=generator, device=device)
         images.append(noise)
     return torch.stack(images).to(dtype)
+
+
+def keyed_gaussian_sample(mean: torch.Tensor, std: torch.Tensor, keys: list[int]) -> torch.Tensor:
+    """mean + std * eps with eps keyed per image: a sample of the VAE's latent distribution.
+
+    Cached (mean, std) and a live VAE encode give the same sample for the same keys, so caching latents
+    changes the speed of training, not its draws. The salt keeps eps independent of the diffusion noise.
+    """
+    eps = keyed_noise([key ^ 0x1A7E47 for key in keys], tuple(mean.shape[1:]), mean.device, torch.float32)
+    return (mean.float() + std.float() * eps).to(mean.dtype)

@@ -2,5 +2,6 @@
 
 from diffusion_lab.data.digits import DigitsDataModule
 from diffusion_lab.data.image_datamodule import ImageDataModule
+from diffusion_lab.data.latent_cache_datamodule import LatentCacheDataModule
 
-__all__ = ["DigitsDataModule", "ImageDataModule"]
+__all__ = ["DigitsDataModule", "ImageDataModule", "LatentCacheDataModule"]

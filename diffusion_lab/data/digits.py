@@ -72,6 +72,11 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorImages(pixels[train_ids], labels[train_ids], train_ids, template)
         self.val_set = TensorImages(pixels[val_ids], labels[val_ids], val_ids, template)
 
+    def examples_for_cache(self, split: str) -> tuple[Dataset, bool]:
+        """Each example of `split` once, as the loader yields it (digits have no random augmentation)."""
+        self.setup()
+        return {"train": self.train_set, "val": self.val_set}[split], False
+
     def train_dataloader(self):
         return resumable_loader(
             self.train_set,

@@ -148,6 +148,23 @@ class ImageDataModule(L.LightningDataModule):
             train, val = parts["train"], parts["test"]
         self.train_set, self.val_set = self._stream(train, train=True), self._stream(val, train=False)
 
+    def examples_for_cache(self, split: str) -> tuple[ImageStream, bool]:
+        """Each usable example of `split` once, unflipped and centre-cropped, on one process; and whether
+        training flips at random (then the cache holds both orientations)."""
+        h = self.hparams
+        if split == "train" and not h.center_crop:
+            raise ValueError(
+                "a latent cache holds one crop per image, so it needs centre crops: set center_crop=true "
+                "on the cached data (random crops need latent_cache=null)"
+            )
+        self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set}[split].dataset
+        stream = ImageStream(
+            dataset, self._example_maker(dataset, train=False), shuffle=False, seed=h.seed, epochs=1,
+            max_bad_fraction=h.max_bad_fraction, describe_row=self._describe_row,
+        )  # fmt: skip
+        return stream, h.random_flip
+
     def train_dataloader(self) -> PrefetchAwareLoader:
         # The stream shards and shuffles itself; Lightning checkpoints the loader's state (the position).
         return self._loader(self.train_set)

@@ -23,3 +23,22 @@ def configure_optimizer(
             "frequency": 1,
         },
     }
+
+
+def adamw_8bit(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise quantised moments (Dettmers et al. 2021,
+    arXiv:2110.02861): a quarter of AdamW's optimizer memory. CUDA only."""
+    params = list(params)
+    devices = sorted({str(p.device) for p in params if not isinstance(p, dict)})
+    if not torch.cuda.is_available() or any(not d.startswith("cuda") for d in devices):
+        raise RuntimeError(
+            f"model/optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); the weights are on {devices}. "
+            "Train on a GPU (trainer=gpu) or use model/optimizer=adamw"
+        )
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ImportError(
+            "model/optimizer=adamw_8bit needs bitsandbytes: pip install 'diffusion-lab[gpu]'"
+        ) from error
+    return bitsandbytes.optim.AdamW8bit(params, **kwargs)

@@ -1,10 +1,11 @@
 """Pixel-space DDPM as a LightningModule on diffusers parts."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
 from diffusion_lab.models.optimization import configure_optimizer
@@ -79,3 +80,8 @@ class PixelDiffusion(L.LightningModule):
         checkpoint["diffusers_components"] = describe_components(
             net=self.net, noise_scheduler=self.noise_scheduler
         )
+
+    def save_pipeline(self, out_dir: str | Path) -> Path:
+        """`unet/ + scheduler/ + model_index.json`: what `DiffusionPipeline.from_pretrained(out_dir)` loads."""
+        DDPMPipeline(unet=self.net, scheduler=self.noise_scheduler).save_pretrained(out_dir)
+        return Path(out_dir)

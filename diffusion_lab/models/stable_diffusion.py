@@ -1,0 +1,57 @@
+"""Loading the parts of a Stable Diffusion checkpoint, and naming exactly which checkpoint they came from."""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+FROZEN_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """'float32' / 'bfloat16' / 'float16' (config spelling) -> torch dtype; None stays None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating point dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_text_and_vae(pretrained: str, revision: str | None = None) -> dict:
+    """The frozen parts: tokenizer, CLIP text encoder and VAE, `requires_grad_(False)` and in eval mode."""
+    source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
+    parts = {
+        "tokenizer": CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(**source, subfolder="text_encoder"),
+        "vae": AutoencoderKL.from_pretrained(**source, subfolder="vae"),
+    }
+    for name in ("text_encoder", "vae"):
+        parts[name].requires_grad_(False).eval()
+    return parts
+
+
+def load_unet_and_scheduler(pretrained: str, revision: str | None = None) -> dict:
+    source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(**source, subfolder="unet"),
+        "noise_scheduler": DDPMScheduler.from_pretrained(**source, subfolder="scheduler"),
+    }
+
+
+def frozen_parts_fingerprint(pretrained: str, revision: str | None = None) -> str:
+    """Names the exact VAE / text encoder / tokenizer files: a hub snapshot's commit, or a local folder's
+    file sizes and modification times. Anything cached from their outputs is keyed on this."""
+    folder = Path(pretrained)
+    if folder.is_dir():
+        files = sorted(p for sub in FROZEN_SUBFOLDERS for p in (folder / sub).rglob("*") if p.is_file())
+        listing = [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        return f"local:{folder.resolve()}:" + hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+    from huggingface_hub import snapshot_download
+
+    snapshot = snapshot_download(
+        pretrained, revision=revision, allow_patterns=[f"{sub}/*" for sub in FROZEN_SUBFOLDERS]
+    )
+    return f"hub:{pretrained}@{Path(snapshot).name}"  # the snapshot folder is named by its commit

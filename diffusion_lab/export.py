@@ -76,7 +76,7 @@ def load_latent_checkpoint(ckpt_path: str | Path, use_ema: bool = True) -> tuple
     model = LatentDiffusion.load_from_checkpoint(
         ckpt_path, map_location="cpu", weights_only=False, optimizer=None, lr_scheduler=None
     )
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no second copy
     ema_state = checkpoint.get("callbacks", {}).get("EMA")
     used_ema = bool(use_ema and ema_state)
     if used_ema:

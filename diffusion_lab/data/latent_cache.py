@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusion_lab.export import write_atomically
+from diffusion_lab.models.stable_diffusion import token_ids
 
 CACHE_FORMAT = 1
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -32,10 +33,7 @@ def storage_dtype(name: str) -> np.dtype:
 def encode_text_batches(captions: list[str], tokenizer, text_encoder, device, batch_size: int) -> np.ndarray:
     rows = []
     for start in range(0, len(captions), batch_size):
-        ids = tokenizer(
-            captions[start : start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(device)  # fmt: skip
+        ids = token_ids(tokenizer, captions[start : start + batch_size]).to(device)
         rows.append(text_encoder(ids)[0].float().cpu().numpy())
     return np.concatenate(rows)
 

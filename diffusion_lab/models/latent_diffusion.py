@@ -13,7 +13,12 @@ from diffusion_lab.core.random import mix_key
 from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
 from diffusion_lab.models.optimization import configure_optimizer
-from diffusion_lab.models.stable_diffusion import dtype_from_name, load_text_and_vae, load_unet_and_scheduler
+from diffusion_lab.models.stable_diffusion import (
+    dtype_from_name,
+    load_text_and_vae,
+    load_unet_and_scheduler,
+    token_ids,
+)
 
 _CAPTION_DROPOUT_SALT = 0xCA7
 
@@ -119,10 +124,7 @@ class LatentDiffusion(L.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
         """CLIP's last hidden states, the UNet's cross-attention context."""
-        ids = self.tokenizer(
-            list(captions), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
+        ids = token_ids(self.tokenizer, list(captions)).to(self.device)
         return self.text_encoder(ids)[0]
 
     # ---- what the UNet sees -------------------------------------------------------------------------

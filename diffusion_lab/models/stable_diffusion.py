@@ -20,6 +20,17 @@ def dtype_from_name(name: str | None) -> torch.dtype | None:
     return dtype
 
 
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """CLIP input ids, padded to the tokenizer's full context (77) as Stable Diffusion was trained."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def load_text_and_vae(pretrained: str, revision: str | None = None) -> dict:
     """The frozen parts: tokenizer, CLIP text encoder and VAE, `requires_grad_(False)` and in eval mode."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}

@@ -18,6 +18,7 @@ COMMANDS = {
 BENCH_CASES = {
     "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
     "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
+    "sampling": ("diffusion_lab.commands.bench_sampling", "bench_sampling", "bench_sampling"),
     "latent_cache": ("diffusion_lab.commands.bench_latent_cache", "bench_latent_cache", "bench_latent_cache"),
 }
 

@@ -120,6 +120,15 @@ def test_bench_latent_cache_prints_cached_and_uncached_speeds(tmp_path):
     )
 
 
+def test_bench_sampling_counts_network_evaluations_per_sampler():
+    result = cli("bench", "sampling", "model/net=unet_tiny", "data.image_size=8", "batch_size=2",
+                 "samplers.ddpm_1000.steps=30")  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    nfe = {name: entry["nfe_per_image"] for name, entry in report["samplers"].items()}
+    assert nfe == {"ddpm_1000": 30, "ddim_50": 50, "dpmpp_20": 20, "unipc_10": 10}
+    assert all(entry["img_s"] > 0 for entry in report["samplers"].values())
+
+
 def test_bench_without_a_case_lists_the_cases():
     result = cli("bench", check=False)
     assert result.returncode != 0 and "valid cases: train" in result.stderr

@@ -20,9 +20,10 @@ from diffusion_lab.tiny_sd import ensure_tiny_sd
 
 
 def bench_latent_cache(cfg: DictConfig) -> dict:
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.device == "auto" else cfg.device.replace("auto", "cpu")
-    )
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     pretrained = cfg.pretrained or ensure_tiny_sd(f"{cfg.cache_dir}/tiny-sd-32")
     model = LatentDiffusion(
         pretrained, optimizer=functools.partial(torch.optim.AdamW), lr=1e-5,

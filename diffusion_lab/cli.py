@@ -12,6 +12,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 # command -> (module, task function, primary config); `bench` takes a case name first.
 COMMANDS = {
     "train": ("diffusion_lab.commands.train", "train", "train"),
+    "sample": ("diffusion_lab.commands.sample", "sample", "sample"),
+    "eval": ("diffusion_lab.commands.evaluate", "evaluate", "eval"),
     "export": ("diffusion_lab.commands.export", "export", "export"),
     "tiny-sd": ("diffusion_lab.commands.tiny_sd", "tiny_sd", "tiny_sd"),
 }
@@ -26,6 +28,9 @@ USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--hel
 
 commands:
   train              train a model (no arguments: DDPM on the embedded digits)
+  sample             images from a checkpoint, pipeline folder or hub id: pretrained=PATH_OR_ID out=DIR
+  eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR or pretrained=..., vs
+                     reference=DIR or data=NAME
   export             Lightning checkpoint -> diffusers pipeline folder: ckpt=PATH out=DIR
   tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out=DIR
   bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
@@ -96,11 +101,9 @@ def explain_bad_overrides(config_name: str, overrides: list[str]) -> str | None:
         key = override.key_or_group
         if override in groups or override.is_add() or override.is_force_add() or key.startswith("hydra"):
             continue
-        if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
-            continue
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if not isinstance(parent, DictConfig):
+        if not isinstance(parent, DictConfig) or leaf in list(parent):  # `in parent` misses `???` keys
             continue
         valid = sorted(str(k) for k in parent if not str(k).startswith("_"))
         close = difflib.get_close_matches(leaf, valid, n=1)

@@ -32,3 +32,14 @@ def save_grid(
     picture.save(temporary)
     os.replace(temporary, path)
     return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """One [-1, 1] (C, H, W) image as a PNG (grey for one channel), written then renamed."""
+    path = Path(path)
+    pixels = to_uint8(image.unsqueeze(0))[0].permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    temporary = path.with_suffix(".tmp.png")
+    picture.save(temporary)
+    os.replace(temporary, path)
+    return path

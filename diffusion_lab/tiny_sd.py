@@ -148,6 +148,38 @@ def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> 
     return out_dir
 
 
+def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random CLIP (vision + text towers, processor) saved like a hub CLIP: the offline stand-in for
+    `openai/clip-vit-large-patch14` in CLIP-score tests, loaded by the same `from_pretrained` calls."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_tiny_clip_tokenizer(out_dir / "_vocab")
+    tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **tower),
+        vision_config=dict(image_size=image_size, patch_size=8, **tower),
+        projection_dim=32,
+    )  # fmt: skip
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPModel(config).save_pretrained(out_dir)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    shutil.rmtree(out_dir / "_vocab")
+    return out_dir
+
+
+def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> str:
+    """The tiny CLIP folder, built first if it is not there yet (configs use it as `clip_model`)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.safetensors").exists():
+        build_tiny_clip(out_dir, image_size=image_size, seed=seed)
+    return str(out_dir)
+
+
 def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
     """The folder, built first if it is not there yet (configs use it as `pretrained`)."""
     out_dir = Path(out_dir)

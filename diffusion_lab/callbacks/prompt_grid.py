@@ -8,7 +8,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.callbacks.image_logging import log_image_file
-from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.core.schedulers import check_scheduler_name
+from diffusion_lab.generation import SampleSettings, TextToImageSampler
 from diffusion_lab.images import save_grid
 
 
@@ -35,7 +36,7 @@ class PromptGrid(L.Callback):
         self.dirpath = Path(dirpath)
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
-        self.scheduler_name, self.num_inference_steps = scheduler, num_inference_steps
+        self.scheduler_name, self.num_inference_steps = check_scheduler_name(scheduler), num_inference_steps
         self.every_n_steps = every_n_steps
         self._last_step = -1
 
@@ -46,29 +47,15 @@ class PromptGrid(L.Callback):
                 "Remove it with ~callbacks.prompt_grid (pixel models use callbacks.sample_grid)"
             )
 
-    @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
         """(prompts x seeds, C, H, W) in [-1, 1]."""
-        scheduler = scheduler_from_name(self.scheduler_name, pl_module.noise_scheduler.config)
-        pipeline = pl_module.pipeline(scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        device = pl_module.device
+        settings = SampleSettings(
+            scheduler=self.scheduler_name, steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            negative_prompt=self.negative_prompt,
+        )  # fmt: skip
         prompts = [prompt for prompt in self.prompts for _ in self.seeds]
-        generators = [torch.Generator(device).manual_seed(seed) for _ in self.prompts for seed in self.seeds]
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            images = pipeline(
-                prompt=prompts,
-                negative_prompt=[self.negative_prompt] * len(prompts) if self.negative_prompt else None,
-                guidance_scale=self.guidance_scale,
-                num_inference_steps=self.num_inference_steps,
-                generator=generators,
-                output_type="pt",
-            ).images
-        finally:
-            pl_module.unet.train(was_training)
-        return images * 2 - 1
+        seeds = [seed for _ in self.prompts for seed in self.seeds]
+        return TextToImageSampler(pl_module.pipeline()).generate(seeds, settings, prompts=prompts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         with ema_weights(trainer, pl_module):

@@ -9,16 +9,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.callbacks.pixel_only import require_pixel_model
-from diffusion_lab.core import sample_images
-from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.core.schedulers import check_scheduler_name
+from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.images import save_grid
 
 
 class SampleGrid(L.Callback):
     """Writes `<dirpath>/step_<global step, 7 digits>.png` at each validation and `<dirpath>/final.png` at the end.
 
-    The same seed every time, so successive grids show the same noise being denoised by a better model.
-    A class-conditional net gets labels 0, 1, 2, ... cycling over its classes.
+    The same seeds every time (image k: seed + k, as `diffusion-lab sample`), so successive grids show the same
+    noise being denoised by a better model. A class-conditional net gets labels 0, 1, 2, ... cycling over its
+    classes.
     """
 
     def __init__(
@@ -31,31 +32,18 @@ class SampleGrid(L.Callback):
     ) -> None:
         self.dirpath = Path(dirpath)
         self.num_images = num_images
-        self.scheduler_name = scheduler
+        self.scheduler_name = check_scheduler_name(scheduler)
         self.num_inference_steps = num_inference_steps
         self.seed = seed
 
-    @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
-        net = pl_module.net
-        scheduler = scheduler_from_name(self.scheduler_name, pl_module.noise_scheduler.config)
-        num_classes = net.config.num_class_embeds
-        labels = torch.arange(self.num_images) % num_classes if num_classes else None
-        was_training = net.training
-        net.eval()
-        try:
-            return sample_images(
-                net,
-                scheduler,
-                self.num_images,
-                (net.config.in_channels, net.config.sample_size, net.config.sample_size),
-                num_inference_steps=self.num_inference_steps,
-                generator=torch.Generator().manual_seed(self.seed),
-                class_labels=labels,
-                device=pl_module.device,
-            )
-        finally:
-            net.train(was_training)
+        sampler = PixelSampler(pl_module.net, pl_module.noise_scheduler)
+        num_classes = sampler.num_classes
+        labels = [k % num_classes for k in range(self.num_images)] if num_classes else None
+        settings = SampleSettings(scheduler=self.scheduler_name, steps=self.num_inference_steps)
+        return sampler.generate(
+            [self.seed + k for k in range(self.num_images)], settings, class_labels=labels
+        )
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         path = save_grid(self.generate(pl_module), self.dirpath / f"{name}.png")

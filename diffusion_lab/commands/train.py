@@ -7,7 +7,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.callbacks import PipelineExport, PromptGrid, SampleGrid
+from diffusion_lab.callbacks import PipelineExport, PromptGrid, SampleGrid, SampleQuality
+from diffusion_lab.callbacks.sample_quality import describe_scores
 from diffusion_lab.commands.instantiate import build_run
 
 
@@ -40,6 +41,8 @@ def summary(trainer: L.Trainer, output_dir: Path) -> str:
             rows.append(("final sample grid", callback.dirpath / "final.png"))
         elif isinstance(callback, PipelineExport):
             rows.append(("diffusers pipeline", callback.dirpath))
+        elif isinstance(callback, SampleQuality) and callback.csv_path:
+            rows.append(("sample quality", callback.csv_path))
     cache = getattr(trainer.datamodule, "cache_folder", None)
     if cache is not None:
         rows.append(("latent cache", cache("train").parent))
@@ -54,4 +57,6 @@ def summary(trainer: L.Trainer, output_dir: Path) -> str:
     metrics = {
         k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
     }
-    return "\n".join(["", f"Finished at step {trainer.global_step}: {metrics}", *lines])
+    scored = [c.last_scores for c in trainer.callbacks if isinstance(c, SampleQuality) and c.last_scores]
+    quality = [f"Sample quality at step {s['step']}: {describe_scores(s)}" for s in scored]
+    return "\n".join(["", f"Finished at step {trainer.global_step}: {metrics}", *quality, *lines])

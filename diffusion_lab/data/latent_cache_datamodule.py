@@ -11,16 +11,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_lab.core.random import mix_key
+from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
 from diffusion_lab.data.loaders import resumable_loader
-from diffusion_lab.models.stable_diffusion import dtype_from_name, frozen_parts_fingerprint, load_text_and_vae
+from diffusion_lab.dtypes import dtype_from_name
+from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
 
 log = logging.getLogger(__name__)
 
 _FLIP_SALT = 0xF11B
 # Settings of the wrapped data that change how it is read, not what the examples are.
-_NOT_CONTENT = {"batch_size", "num_workers", "shuffle_buffer"}
 SPLITS = ("train", "val")
 
 
@@ -66,14 +67,13 @@ class LatentCacheDataModule(L.LightningDataModule):
         h = self.hparams
         if self._fingerprint is None:
             self._fingerprint = frozen_parts_fingerprint(h.pretrained, h.revision)
-        data = {k: v for k, v in dict(self.images.hparams).items() if k not in _NOT_CONTENT}
         return {
             "format": CACHE_FORMAT,
             "frozen_parts": self._fingerprint,
             "vae_dtype": str(h.vae_dtype),
             "text_encoder_dtype": str(h.text_encoder_dtype),
             "storage_dtype": h.storage_dtype,
-            "data": {"class": type(self.images).__qualname__, **data},
+            "data": data_identity(self.images),
             "split": split,
         }
 

@@ -10,15 +10,11 @@ from diffusers import SchedulerMixin, StableDiffusionPipeline
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, keyed_gaussian_sample, sample_keys
 from diffusion_lab.core.random import mix_key
+from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
 from diffusion_lab.models.optimization import configure_optimizer
-from diffusion_lab.models.stable_diffusion import (
-    dtype_from_name,
-    load_text_and_vae,
-    load_unet_and_scheduler,
-    token_ids,
-)
+from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_and_scheduler, token_ids
 
 _CAPTION_DROPOUT_SALT = 0xCA7
 

@@ -10,16 +10,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 FROZEN_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
 
 
-def dtype_from_name(name: str | None) -> torch.dtype | None:
-    """'float32' / 'bfloat16' / 'float16' (config spelling) -> torch dtype; None stays None."""
-    if name is None:
-        return None
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{name!r} is not a floating point dtype; use float32, bfloat16 or float16")
-    return dtype
-
-
 def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """CLIP input ids, padded to the tokenizer's full context (77) as Stable Diffusion was trained."""
     return tokenizer(

@@ -2,10 +2,13 @@
 
 import difflib
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import hydra
+
+from diffusion_lab.resolvers import register_resolvers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None):
         print(USAGE)
         return None
     (module_name, function_name, config_name), overrides, label = _resolve(argv)
+    register_resolvers()
+    # submitit asks SLURM for USR2 before a time-out; Lightning's SLURM auto-requeue (checkpoint, requeue,
+    # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
+    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     task = getattr(importlib.import_module(module_name), function_name)
     sys.argv = [f"diffusion-lab {label}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)

@@ -94,3 +94,38 @@ def test_every_data_config_composes_with_the_model_following_its_shape(compose_c
 def test_image_size_drives_the_net(compose_config):
     cfg = compose_config("data.image_size=32")
     assert instantiate(cfg.model.net).config.sample_size == 32
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "ddp_cpu", "fsdp"])
+def test_every_trainer_config_composes_with_every_precision(compose_config, trainer):
+    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+        cfg = compose_config(f"trainer={trainer}", f"trainer.precision={precision}")
+        assert cfg.trainer.precision == precision
+    if trainer in ("ddp", "ddp_cpu", "fsdp"):
+        strategy = instantiate(cfg.trainer.strategy)
+        assert type(strategy).__name__ in ("HydraDDPStrategy", "HydraFSDPStrategy")
+
+
+def test_the_slurm_launcher_composes_for_a_ddp_sweep():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4"],
+            return_hydra_config=True,
+        )  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 1
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    assert set(launcher) <= {field.name for field in __import__("dataclasses").fields(SlurmQueueConf)}
+
+
+def test_the_optuna_search_composes(compose_config):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=digits_optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.optimized_metric == "val/loss"
+    assert set(cfg.hydra.sweeper.params) == {"model.lr", "model.noise_offset", "data.batch_size"}

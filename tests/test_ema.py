@@ -52,9 +52,7 @@ def test_ema_updates_under_ddp_and_one_run_directory_is_written(tmp_path):
     cli(
         "train",
         "debug=fast",
-        "trainer.strategy=ddp_spawn",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
+        "trainer=ddp_cpu",
         f"hydra.run.dir={tmp_path}",
     )
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

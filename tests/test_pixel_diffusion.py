@@ -1,5 +1,6 @@
 """The LightningModule learns: weights move, loss is finite and falls."""
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -73,3 +74,29 @@ def test_class_conditional_net_uses_labels(compose_config):
     batch = next(iter(data.train_dataloader()))
     assert torch.isfinite(model.training_step(batch, 0))
     model.validation_step(next(iter(data.val_dataloader())), 0)
+
+
+def test_compile_and_channels_last_keep_outputs_and_checkpoint_keys(compose_config):
+    from diffusion_lab.performance import apply_speed_settings
+
+    model, _ = _tiny_model(compose_config)
+    keys = list(model.state_dict())
+    sample, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = model.denoiser(sample, t).sample
+        apply_speed_settings(model.denoiser, compile={"backend": "eager"}, channels_last=True)
+        torch.testing.assert_close(model.denoiser(sample, t).sample, expected, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == keys
+    assert model.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_learning_rate_scaling_rules():
+    from diffusion_lab.performance import effective_batch_size, scaled_learning_rate
+
+    assert effective_batch_size(16, 2, 4) == 128
+    assert scaled_learning_rate(1e-4, 128, 32, "linear") == pytest.approx(4e-4)
+    assert scaled_learning_rate(1e-4, 128, 32, "sqrt") == pytest.approx(2e-4)
+    assert scaled_learning_rate(1e-4, 128, 32, None) == 1e-4
+    with pytest.raises(ValueError, match="valid: null, linear, sqrt"):
+        scaled_learning_rate(1e-4, 128, 32, "cubic")

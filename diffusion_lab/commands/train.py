@@ -1,31 +1,78 @@
 """`diffusion-lab train`: fit, then print where everything went."""
 
+import json
+import os
+import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import PipelineExport, PromptGrid, SampleGrid, SampleQuality
 from diffusion_lab.callbacks.sample_quality import describe_scores
-from diffusion_lab.commands.instantiate import build_run
+from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
+from diffusion_lab.performance import effective_batch_size
+from diffusion_lab.sweep_summary import RUN_SUMMARY
 
 
 def train(cfg: DictConfig) -> float | None:
     """Returns `cfg.optimized_metric` (e.g. val/loss) so Hydra sweepers can minimise it."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     datamodule, model, trainer = build_run(cfg)
+    if rank_zero_only.rank == 0:  # every rank builds the run; one writes its files
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    first_step, started = trainer.global_step, time.perf_counter()
+    status = "failed"
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        status = "interrupted" if trainer.interrupted else "finished"
+    finally:
+        if trainer.is_global_zero:
+            images = (trainer.global_step - first_step) * effective_batch(trainer, datamodule)
+            write_run_summary(output_dir, trainer, status, time.perf_counter() - started, images)
     if trainer.is_global_zero:
         print(summary(trainer, output_dir))
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     return None if metric is None else float(metric)
+
+
+def effective_batch(trainer: L.Trainer, datamodule: L.LightningDataModule) -> int:
+    return effective_batch_size(
+        per_device_batch_size(datamodule), trainer.accumulate_grad_batches, trainer.world_size
+    )
+
+
+def write_run_summary(
+    output_dir: Path, trainer: L.Trainer, status: str, wall_time_s: float, images: int
+) -> None:
+    """`run_summary.json`: what a sweep's summary table shows of this run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    metrics = {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith(("train/", "val/"))
+    }
+    run = {
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "status": status,
+        **metrics,
+        "images_per_s": images / wall_time_s if wall_time_s > 0 else None,  # training images over fit time
+        "wall_time_s": wall_time_s,
+        "global_step": trainer.global_step,
+        "output_dir": str(output_dir),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / f".{RUN_SUMMARY}.tmp"
+    temporary.write_text(json.dumps(run, indent=2))
+    os.replace(temporary, output_dir / RUN_SUMMARY)
 
 
 def summary(trainer: L.Trainer, output_dir: Path) -> str:

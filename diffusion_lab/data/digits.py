@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.data.loaders import resumable_loader
+from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader
 
 
 class TensorImages(Dataset):
@@ -85,6 +85,7 @@ class DigitsDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
             num_workers=self.hparams.num_workers,
             drop_last=True,
+            **rank_and_world_size(self.trainer),
         )
 
     def val_dataloader(self):

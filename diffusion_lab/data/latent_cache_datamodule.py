@@ -14,7 +14,7 @@ from diffusion_lab.core.random import mix_key
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
-from diffusion_lab.data.loaders import resumable_loader
+from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
 
@@ -128,6 +128,7 @@ class LatentCacheDataModule(L.LightningDataModule):
         return resumable_loader(
             self.train_set, self.batch_size, shuffle=True, seed=self.hparams.seed,
             num_workers=self.hparams.num_workers, drop_last=len(self.train_set) >= self.batch_size,
+            **rank_and_world_size(self.trainer),
         )  # fmt: skip
 
     def val_dataloader(self):

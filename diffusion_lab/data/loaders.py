@@ -1,7 +1,6 @@
 """DataLoaders whose position goes into the Lightning checkpoint."""
 
-import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -13,22 +12,31 @@ def resumable_loader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> StatefulDataLoader:
-    """A StatefulDataLoader with its own seeded generator.
+    """A StatefulDataLoader over this rank's shard of one seeded order.
 
-    Lightning saves and restores its `state_dict()` (sampler position and generator), so a run resumed
-    mid-epoch continues with the next batch instead of replaying the epoch; the private generator keeps
-    the global RNG out of the data order.
+    The order is the same for every world size (a DistributedSampler seeded by `seed`, reshuffled per epoch
+    by Lightning's `set_epoch`) and rank r takes positions r, r + W, ...: so W processes at batch B see, step
+    by step, exactly the examples one process sees at batch W x B, without duplicates. The global RNG plays no
+    part. Lightning saves and restores the loader's `state_dict()`, so a resumed run continues with the next
+    batch instead of replaying the epoch.
     """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def rank_and_world_size(trainer) -> dict:
+    """`rank` and `world_size` for `resumable_loader` from a DataModule's trainer (none: one process)."""
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer is not None else {}
 
 
 class PrefetchAwareLoader(StatefulDataLoader):

@@ -85,6 +85,11 @@ class LatentDiffusion(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
 
     # ---- frozen parts -------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts the noise (what `compile` and `channels_last` apply to)."""
+        return self.unet
+
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode at fit start; the frozen parts stay in eval.
         super().train(mode)

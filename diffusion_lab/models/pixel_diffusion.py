@@ -38,6 +38,11 @@ class PixelDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
+    @property
+    def denoiser(self) -> UNet2DModel:
+        """The network that predicts the noise (what `compile` and `channels_last` apply to)."""
+        return self.net
+
     def _conditioning(self, batch: dict) -> dict:
         return {"class_labels": batch["label"]} if self.net.config.num_class_embeds else {}
 

@@ -45,6 +45,16 @@ def compose_config(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """`diffusion-lab train debug=fast` once per session: (run folder, its stdout)."""
+    from tests.test_commands import cli
+
+    run_dir = tmp_path_factory.mktemp("run")
+    result = cli("train", "debug=fast", f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir / 'cache'}")
+    return run_dir, result.stdout
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random Stable Diffusion folder (32 px images, 16 px latents), built once per test session."""
     from diffusion_lab.tiny_sd import build_tiny_sd

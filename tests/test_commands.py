@@ -21,13 +21,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    result = cli("train", "debug=fast", f"hydra.run.dir={run_dir}")
-    return run_dir, result.stdout
-
-
 def test_train_writes_grids_metrics_checkpoints_config_and_pipeline(trained_run):
     run_dir, stdout = trained_run
     assert (run_dir / "samples" / "step_0000003.png").exists()
@@ -141,8 +134,11 @@ def test_sd_finetune_tiny_builds_its_checkpoint_trains_from_the_cache_and_export
         "trainer.limit_val_batches=2", "callbacks.prompt_grid.every_n_steps=2",
         "callbacks.prompt_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.progress_bar.refresh_rate=0", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}",
+        "callbacks.sample_quality.num_samples=4", "callbacks.sample_quality.num_inference_steps=2",
+        "callbacks.sample_quality.every_n_steps=0",
     )  # fmt: skip
     assert (cache / "tiny-sd-32" / "model_index.json").exists()
+    assert "Sample quality at step 4: FID" in result.stdout and "CLIP score" in result.stdout
     assert len(list((cache / "latents").glob("*/train/meta.json"))) == 1
     assert "latent cache" in result.stdout and "diffusers pipeline" in result.stdout
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [

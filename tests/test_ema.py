@@ -45,33 +45,6 @@ def test_ema_follows_decay(compose_config):
         torch.testing.assert_close(parameter, shadow)
 
 
-def test_ema_updates_under_ddp_and_one_run_directory_is_written(tmp_path):
-    """Two CPU processes (gloo): the checkpointed average moved on every optimizer step (diffusers issue 1895)."""
-    from tests.test_commands import cli
-
-    cli(
-        "train",
-        "debug=fast",
-        "trainer=ddp_cpu",
-        f"hydra.run.dir={tmp_path}",
-    )
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    ema_state = checkpoint["callbacks"]["EMA"]
-    assert ema_state["optimization_step"] == checkpoint["global_step"] == 6
-    assert len(checkpoint["callbacks"]["RNGStates"]["per_rank"]) == 2
-    raw = checkpoint["state_dict"]["net.conv_in.weight"]
-    assert not torch.equal(ema_state["shadow_params"][0], raw)
-    assert (tmp_path / "samples" / "final.png").exists() and (
-        tmp_path / "pipeline" / "model_index.json"
-    ).exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
-        ".hydra",
-        "checkpoints",
-        "pipeline",
-        "samples",
-    ]
-
-
 def test_an_ema_target_that_is_not_a_network_is_named(compose_config):
     import pytest
 

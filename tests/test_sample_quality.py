@@ -77,12 +77,22 @@ def test_eval_of_a_sample_folder_prints_one_json_line_and_reuses_the_reference_c
     assert len(list((run_dir / "cache" / "fid_reference").glob("*.pt"))) == 1  # the training run's features
 
 
+def _evaluate(*overrides: str) -> dict:
+    """`diffusion-lab eval` in this process (the command line itself is tested above)."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_lab.cli import CONFIG_DIR
+    from diffusion_lab.commands.evaluate import evaluate
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return evaluate(compose("eval", overrides=list(overrides)))
+
+
 def test_eval_against_the_same_folder_is_zero(samples, tmp_path):
-    result = cli(
-        "eval", f"images={samples}", f"reference={samples}", "feature_extractor=random_conv", "kid_subset_size=8",
+    scores = _evaluate(
+        f"images={samples}", f"reference={samples}", "feature_extractor=random_conv", "kid_subset_size=8",
         f"paths.cache_dir={tmp_path / 'cache'}", "fid_protocol=clean",
     )  # fmt: skip
-    scores = _last_json(result.stdout)
     assert abs(scores["fid"]) < 1e-6 and abs(scores["kid_mean"]) < 0.01
     assert scores["fid_protocol"] == "clean" and scores["num_reference"] == 12
 
@@ -130,12 +140,11 @@ def test_callback_scores_a_text_model_with_clip_score_from_captions(tiny_sd, tmp
 
 def test_eval_samples_a_text_model_and_adds_clip_score(tiny_sd, tmp_path):
     clip = build_tiny_clip(tmp_path / "clip")
-    result = cli(
-        "eval", f"pretrained={tiny_sd}", "data=digits", "data.image_size=32", "data.channels=3",
+    scores = _evaluate(
+        f"pretrained={tiny_sd}", "data=digits", "data.image_size=32", "data.channels=3",
         "data.caption_template='a handwritten digit {label}'", "feature_extractor=random_conv", "num_samples=6",
         "sampling.steps=2", "kid_subset_size=6", f"clip_model={clip}", f"paths.cache_dir={tmp_path / 'cache'}",
     )  # fmt: skip
-    scores = _last_json(result.stdout)
     assert {"fid", "kid_mean", "kid_std", "inception_score", "clip_score"} <= scores.keys()
     assert scores["num_samples"] == 6 and scores["num_reference"] == 180
 

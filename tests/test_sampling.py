@@ -116,10 +116,9 @@ def test_text_models_need_prompts_and_get_num_images_per_prompt(text_sampler, tm
 
 
 @pytest.fixture(scope="module")
-def sampled_run(tmp_path_factory):
-    """A tiny trained run, sampled from its checkpoint by the command line."""
-    run_dir = tmp_path_factory.mktemp("run")
-    cli("train", "debug=fast", f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir / 'cache'}")
+def sampled_run(trained_run):
+    """The session's tiny trained run, sampled from its checkpoint by the command line."""
+    run_dir, _ = trained_run
     out = run_dir / "sampled"
     result = cli(
         "sample", f"pretrained={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={out}", "num_images=5",
@@ -147,10 +146,21 @@ def test_settings_json_reproduces_the_images(sampled_run):
     cli("sample", f"settings={out / 'settings.json'}", f"out={again}")
     for k in range(5):
         assert (again / f"{k:05d}.png").read_bytes() == (out / f"{k:05d}.png").read_bytes()
-    # Command-line keys still win over the replayed ones.
-    other = out.parent / "other_seed"
-    cli("sample", f"settings={out / 'settings.json'}", f"out={other}", "num_images=2", "seed=4")
-    assert (other / "00000.png").read_bytes() == (out / "00001.png").read_bytes()
+
+
+def test_replayed_settings_yield_to_the_command_line(sampled_run):
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_lab.cli import CONFIG_DIR
+    from diffusion_lab.commands.sample import replay_settings
+
+    _, out, _ = sampled_run
+    command_line = [f"settings={out / 'settings.json'}", "out=elsewhere", "seed=4"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = replay_settings(compose("sample", overrides=command_line), command_line)
+    assert cfg.seed == 4 and cfg.out == "elsewhere"  # given now
+    assert cfg.scheduler == "euler-a" and cfg.steps == 4 and cfg.num_images == 5  # replayed
+    assert cfg.pretrained.endswith("last.ckpt")
 
 
 def test_checkpoint_and_exported_pipeline_sample_the_same_images(sampled_run):

@@ -92,6 +92,16 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
     checkpoint = torch.load(double / "checkpoints" / "last.ckpt", weights_only=False)
     ema_sum = sum(float(s.double().sum()) for s in checkpoint["callbacks"]["EMA"]["shadow_params"])
     assert ema_sum == pytest.approx(two["held"][0][1], rel=1e-9)
+    # The average moved on every optimizer step (diffusers issue 1895); each rank's RNG state is checkpointed.
+    assert checkpoint["callbacks"]["EMA"]["optimization_step"] == checkpoint["global_step"] == 4
+    assert len(checkpoint["callbacks"]["RNGStates"]["per_rank"]) == 2
+    assert (double / "samples" / "final.png").exists() and (double / "pipeline" / "model_index.json").exists()
+    assert sorted(p.name for p in double.iterdir() if p.is_dir()) == [
+        ".hydra",
+        "checkpoints",
+        "pipeline",
+        "samples",
+    ]
     # The same training: weights after 4 steps agree with the one-process run.
     straight = torch.load(single / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name, value in checkpoint["state_dict"].items():

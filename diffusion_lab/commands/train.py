@@ -77,7 +77,11 @@ def write_run_summary(
 
 def summary(trainer: L.Trainer, output_dir: Path) -> str:
     """The closing lines of a run: what it wrote, and where (read from disk, so it holds under ddp_spawn)."""
-    rows = [("run directory", output_dir), ("resolved config", output_dir / "config.yaml")]
+    rows = [
+        ("run directory", output_dir),
+        ("resolved config", output_dir / "config.yaml"),
+        ("run summary", output_dir / RUN_SUMMARY),
+    ]
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             rows += [

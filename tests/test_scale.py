@@ -102,6 +102,13 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
         "pipeline",
         "samples",
     ]
+
+    # Logged losses are averaged over the ranks: the loss of the whole batch, as one process logs it.
+    def logged(run_dir):
+        with (run_dir / "metrics.csv").open() as handle:
+            return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+    assert len(logged(single)) == 4 and logged(double) == pytest.approx(logged(single), rel=1e-4)
     # The same training: weights after 4 steps agree with the one-process run.
     straight = torch.load(single / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name, value in checkpoint["state_dict"].items():

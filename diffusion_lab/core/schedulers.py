@@ -16,7 +16,6 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
 }
-SCHEDULER_CLASSES = {name: class_name for name, (class_name, _) in SCHEDULERS.items()}
 
 
 def check_scheduler_name(name: str) -> str:

@@ -167,7 +167,9 @@ class LatentDiffusion(L.LightningModule):
             noise_offset=h.noise_offset,
             encoder_hidden_states=self.text_context(batch, dropped),
         )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, sync_dist=True
+        )  # the mean over all ranks: the whole batch
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -57,7 +57,9 @@ class PixelDiffusion(L.LightningModule):
             noise_offset=self.hparams.noise_offset,
             **self._conditioning(batch),
         )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, sync_dist=True
+        )  # the mean over all ranks: the whole batch
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

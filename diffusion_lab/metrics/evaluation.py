@@ -2,7 +2,6 @@
 
 from diffusion_lab.generation.run import ImagePlan, generate
 from diffusion_lab.generation.samplers import SampleSettings
-from diffusion_lab.metrics.extractors import describe_extractor
 from diffusion_lab.metrics.features import ImageFeatures, extract_features
 from diffusion_lab.metrics.protocol import as_rgb_uint8
 from diffusion_lab.metrics.scores import ClipScorer, sample_quality
@@ -25,7 +24,8 @@ def evaluation_plan(sampler, num_samples: int, seed: int, prompts: list[str] | N
 
 def labels(extractor, protocol: str) -> dict:
     """What every reported number depends on besides the images."""
-    return {"fid_protocol": protocol, "feature_extractor": describe_extractor(extractor)["class"]}
+    # The class name only: hashing the weights (as the reference cache key does) is not needed to label.
+    return {"fid_protocol": protocol, "feature_extractor": type(extractor).__qualname__}
 
 
 def score_images(

@@ -1,16 +1,21 @@
-"""`diffusion-lab COMMAND [overrides]`: each command is a Hydra app over the configs in `conf/`."""
+"""`diffusion-lab COMMAND [overrides]`: each command is a Hydra app over the configs shipped in `diffusion_lab/conf/`."""
 
-import difflib
+import functools
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 import hydra
 
+from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.overrides import admit_library_arguments, explain_bad_overrides
 from diffusion_lab.resolvers import register_resolvers
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # package data: the same in a checkout, a wheel, a venv
 
 # command -> (module, task function, primary config); `bench` takes a case name first.
 COMMANDS = {
@@ -70,56 +75,32 @@ def main(argv: list[str] | None = None):
     # submitit asks SLURM for USR2 before a time-out; Lightning's SLURM auto-requeue (checkpoint, requeue,
     # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    task = getattr(importlib.import_module(module_name), function_name)
+    overrides = admit_library_arguments(CONFIG_DIR, config_name, overrides)
+    task = one_line_config_errors(getattr(importlib.import_module(module_name), function_name))
     sys.argv = [f"diffusion-lab {label}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
     try:
         return app()
     except SystemExit as exit_:
         if exit_.code:
-            hint = explain_bad_overrides(config_name, overrides)
+            hint = explain_bad_overrides(CONFIG_DIR, config_name, overrides)
             if hint:
                 print(hint, file=sys.stderr)
         raise
 
 
-def explain_bad_overrides(config_name: str, overrides: list[str]) -> str | None:
-    """After Hydra rejects a command line: name the unknown keys, the valid ones beside them, a likely fix."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import DictConfig, OmegaConf
+def one_line_config_errors(task):
+    """A `ConfigError` (a value the run cannot start with) is one logged line and exit status 2."""
 
-    try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
-    except Exception:
-        return None
-    groups = [
-        o
-        for o in parsed
-        if (CONFIG_DIR / o.key_or_group.replace(".", "/")).is_dir() and not o.is_sweep_override()
-    ]
-    messages = []
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=[o.input_line for o in groups])
-    except Exception:
-        return None
-    for override in parsed:
-        key = override.key_or_group
-        if override in groups or override.is_add() or override.is_force_add() or key.startswith("hydra"):
-            continue
-        parent_key, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if not isinstance(parent, DictConfig) or leaf in list(parent):  # `in parent` misses `???` keys
-            continue
-        valid = sorted(str(k) for k in parent if not str(k).startswith("_"))
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        where = f"'{parent_key}'" if parent_key else "the top level"
-        suggestion = f" Did you mean '{parent_key + '.' if parent_key else ''}{close[0]}'?" if close else ""
-        messages.append(
-            f"diffusion-lab: unknown config key '{key}'. Valid keys under {where}: {', '.join(valid)}.{suggestion}"
-        )
-    return "\n".join(messages) or None
+    @functools.wraps(task)
+    def run(cfg):
+        try:
+            return task(cfg)
+        except ConfigError as error:
+            log.error("diffusion-lab: %s", error)
+            raise SystemExit(2) from None
+
+    return run
 
 
 if __name__ == "__main__":

@@ -1,44 +1,30 @@
 """Writing diffusers pipeline folders, from a live model or from a Lightning checkpoint."""
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from diffusion_lab.atomic import write_folder
+from diffusion_lab.finite import require_finite_modules
 from diffusion_lab.models.serialization import rebuild_component, submodule_state_dict
 
 
-def write_atomically(out_dir: str | Path, write: Callable[[Path], object]) -> Path:
-    """`write(folder)` into a sibling temporary folder, then rename it to `out_dir`: an interrupted export
-    never leaves a half-written pipeline where a complete one was."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        previous = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(out_dir, previous)
-        os.replace(staging, out_dir)
-        shutil.rmtree(previous)
-    else:
-        os.replace(staging, out_dir)
-    return out_dir
+def write_pipeline(
+    out_dir: str | Path, networks: list[torch.nn.Module], save: Callable[[Path], object]
+) -> Path:
+    """`save(folder)` written then renamed to `out_dir`, after checking the `networks` it saves are finite:
+    a diverged model is refused, not exported."""
+    require_finite_modules(networks, f"to export {out_dir}")
+    return write_folder(out_dir, save)
 
 
 def save_ddpm_pipeline(net: torch.nn.Module, noise_scheduler, out_dir: str | Path) -> Path:
     """`unet/ + scheduler/ + model_index.json` so `DiffusionPipeline.from_pretrained(out_dir)` works."""
     from diffusers import DDPMPipeline
 
-    return write_atomically(out_dir, DDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained)
+    return write_pipeline(out_dir, [net], DDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained)
 
 
 def load_ema_weights(network: torch.nn.Module, ema_state: dict) -> None:
@@ -94,7 +80,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool 
         used_ema = components["used_ema"]
     elif "pretrained" in checkpoint_kind.get("hyper_parameters", {}):
         model, used_ema = load_latent_checkpoint(ckpt_path, use_ema=use_ema)
-        path = write_atomically(out_dir, model.save_pipeline)
+        path = write_pipeline(out_dir, [model.denoiser], model.save_pipeline)
     else:
         raise ValueError(
             f"{ckpt_path} is not a diffusion_lab checkpoint (no diffusers parts, no 'pretrained')"

@@ -1,12 +1,13 @@
 """Converting network-scale tensors to pictures on disk."""
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from diffusion_lab.atomic import write_file
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -19,8 +20,6 @@ def save_grid(
 ) -> Path:
     """Save a grid (square-ish unless `columns` is given); small images are upscaled (nearest) so a 16 px
     grid is readable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(
         to_uint8(images), nrow=columns or math.ceil(math.sqrt(len(images))), padding=1, pad_value=255
     )
@@ -28,10 +27,7 @@ def save_grid(
     scale = max(1, upscale_to // images.shape[-1])
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    temporary = path.with_suffix(".tmp.png")
-    picture.save(temporary)
-    os.replace(temporary, path)
-    return path
+    return write_file(path, lambda temporary: picture.save(temporary, format="PNG"))
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
@@ -39,7 +35,4 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     path = Path(path)
     pixels = to_uint8(image.unsqueeze(0))[0].permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    temporary = path.with_suffix(".tmp.png")
-    picture.save(temporary)
-    os.replace(temporary, path)
-    return path
+    return write_file(path, lambda temporary: picture.save(temporary, format="PNG"))

@@ -29,6 +29,15 @@ def run_label(run_name: str) -> str:
     return f"{run_name}#{job.num} {' '.join(HydraConfig.get().overrides.task)}".strip()
 
 
+def folder_id(folder: str) -> str:
+    """A stable id for a run folder: a run resumed in its own folder continues the same W&B run."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+
+
 def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("folder_id", folder_id, replace=True)
     OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
     OmegaConf.register_new_resolver("run_label", run_label, replace=True)

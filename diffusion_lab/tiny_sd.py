@@ -6,14 +6,14 @@ byte-level alphabet (so any text tokenizes) plus whole-word merges for the words
 """
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffusion_lab.atomic import write_folder
 
 WORDS = [
     "a",
@@ -89,10 +89,8 @@ def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> 
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None)
-    )
-    tokenizer = write_tiny_clip_tokenizer(staging / "_vocab")
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -139,13 +137,7 @@ def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> 
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipeline.save_pretrained(staging / "pipeline")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging / "pipeline", out_dir)
-    shutil.rmtree(staging)
-    return out_dir
+    return write_folder(out_dir, pipeline.save_pretrained)
 
 
 def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
@@ -155,7 +147,8 @@ def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) ->
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tokenizer = write_tiny_clip_tokenizer(out_dir / "_vocab")
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary))
     tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -166,10 +159,13 @@ def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) ->
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    CLIPModel(config).save_pretrained(out_dir)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
-    shutil.rmtree(out_dir / "_vocab")
-    return out_dir
+    model, processor = CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return write_folder(out_dir, save)
 
 
 def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> str:

@@ -76,3 +76,28 @@ def bare_trainer(max_steps: int, **kwargs):
         limit_val_batches=0,
     )
     return L.Trainer(**{**settings, **kwargs})
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random weights in torch-fidelity's InceptionV3 format: the real FID network's code path, offline.
+    He-initialised (as RandomConvFeatures): with PyTorch's default init the signal fades through the ~50
+    layers, every image gets the same features and every FID is 0."""
+    from unittest import mock
+
+    from torch import nn
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with (
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+        torch.random.fork_rng(devices=[]),
+    ):
+        torch.manual_seed(0)
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(network.state_dict(), path)
+    return path

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from diffusion_lab.cli import CONFIG_DIR
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR).parent / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 NETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "net").glob("*.yaml"))
 
 

@@ -1,6 +1,7 @@
 """FID / KID / IS / CLIP score with offline extractors: the numbers behave, the protocols differ as stated,
 the reference cache is reused, the callback scores a training run without disturbing it, `eval` reports."""
 
+import hashlib
 from unittest import mock
 
 import numpy as np
@@ -8,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.metrics import InceptionV3, RandomConvFeatures, extract_features, prepare_for_extractor
+from diffusion_lab.metrics import (
+    InceptionV3,
+    RandomConvFeatures,
+    describe_extractor,
+    extract_features,
+    prepare_for_extractor,
+)
 from diffusion_lab.metrics.features import ImageFeatures, cached_features
 from diffusion_lab.metrics.scores import ClipScorer, frechet_distance, inception_score, kernel_distance
 
@@ -72,15 +79,39 @@ def test_inception_score_is_one_for_one_class_and_the_class_count_for_confident_
     )  # random halves: near-even mixes
 
 
-def test_clean_protocol_resizes_with_pil_bicubic_first_and_legacy_hands_images_over():
+def _clean_fid_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """clean-fid's `make_resizer("PIL", False, "bicubic", (size, size))` (cleanfid/resize.py), HWC uint8 in."""
+    channels = [
+        np.asarray(
+            Image.fromarray(image[:, :, i].astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
+        )
+        .clip(0, 255)
+        .reshape(size, size, 1)
+        for i in range(3)
+    ]
+    return np.concatenate(channels, axis=2).astype(np.float32)
+
+
+def test_clean_protocol_is_clean_fids_float_bicubic_resize_and_legacy_hands_images_over():
     images = _images(2, n=2, size=20)
     clean = prepare_for_extractor(images, "clean", 32)
-    expected = np.array(Image.fromarray(images[0].permute(1, 2, 0).numpy()).resize((32, 32), Image.BICUBIC))
-    assert torch.equal(clean[0], torch.from_numpy(expected).permute(2, 0, 1))
+    assert clean.dtype == torch.float32 and clean.shape == (2, 3, 32, 32)
+    for image, resized in zip(images, clean, strict=True):
+        expected = _clean_fid_resize(image.permute(1, 2, 0).numpy(), 32)
+        assert np.array_equal(resized.permute(1, 2, 0).numpy(), expected)
+    assert not torch.equal(clean, clean.round())  # not rounded back to uint8 ...
+    assert clean.min() == 0 and clean.max() == 255  # ... but clipped: bicubic overshoots on noise
+    at_size = _images(2, n=2, size=32)
+    assert torch.equal(prepare_for_extractor(at_size, "clean", 32), at_size.float())  # PIL: a copy
     assert torch.equal(prepare_for_extractor(images, "legacy", 32), images)
     assert not torch.allclose(_features(images, "clean").features, _features(images, "legacy").features)
     with pytest.raises(ValueError, match="valid: legacy, clean"):
         prepare_for_extractor(images, "tf", 32)
+
+
+def test_random_conv_takes_float_images_as_their_uint8_values():
+    images = _images(6, n=4, size=32)
+    torch.testing.assert_close(EXTRACTOR(images.float())["features"], EXTRACTOR(images)["features"])
 
 
 def test_grey_and_float_images_become_rgb_uint8_features():
@@ -89,33 +120,44 @@ def test_grey_and_float_images_become_rgb_uint8_features():
     assert torch.allclose(_features(grey).features, _features(rgb).features)
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """Randomly initialised weights in torch-fidelity's format: the real InceptionV3 code path, offline."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with (
-        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
-        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
-    ):
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
-    torch.save(network.state_dict(), path)
-    return path
-
-
 def test_inception_gives_pool_features_and_logits_and_the_protocols_differ(inception_weights):
     extractor = InceptionV3(weights_path=str(inception_weights))
     images = _images(3, n=3, size=64)
     legacy = extract_features(extractor, [images], "legacy")
     clean = extract_features(extractor, [images], "clean")
     assert legacy.features.shape == (3, 2048) and legacy.logits.shape == (3, 1008)
-    assert not torch.allclose(legacy.features, clean.features)
-    at_input_size = prepare_for_extractor(images, "clean", 299)
-    # At 299 px the extractor's own resize is the identity: clean = legacy on pre-resized images.
-    torch.testing.assert_close(
-        extract_features(extractor, [at_input_size], "legacy").features, clean.features
+    assert not torch.allclose(legacy.features, clean.features, rtol=1e-3)
+    assert describe_extractor(extractor)["input_size"] == 299  # BatchNorm's 0-dim int64 counters hash too
+
+
+def test_inception_float_path_is_torch_fidelitys_forward_without_the_uint8_check(inception_weights):
+    extractor = InceptionV3(weights_path=str(inception_weights))
+    for size in (299, 48):  # at 299 px the TF1 resize is an exact identity; at 48 px both paths resize
+        images = _images(7, n=2, size=size)
+        by_uint8, by_float = extractor(images), extractor(images.float())
+        assert torch.equal(by_uint8["features"], by_float["features"])
+        assert torch.equal(by_uint8["logits"], by_float["logits"])
+    # So `clean` at the input size (a float copy) gives exactly torch-fidelity's numbers.
+    images = _images(8, n=2, size=299)
+    assert torch.equal(
+        extract_features(extractor, [images], "clean").features,
+        extract_features(extractor, [images], "legacy").features,
     )
+
+
+def test_extractor_key_hashes_every_dtype_and_shape_and_keeps_random_conv_keys():
+    module = torch.nn.BatchNorm2d(4)  # num_batches_tracked: a 0-dim int64
+    module.register_buffer("mask", torch.tensor([True, False]))
+    module.register_buffer("scale", torch.tensor(0.5, dtype=torch.bfloat16))
+    first = describe_extractor(module)["weights"]
+    module.num_batches_tracked += 1
+    assert describe_extractor(module)["weights"] != first
+    # Keys written before 0-dim tensors were handled (all of RandomConvFeatures' are >= 1-dim) still hold.
+    old = hashlib.sha256(b"RandomConvFeatures")
+    for name, tensor in sorted(EXTRACTOR.state_dict().items()):
+        old.update(name.encode())
+        old.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    assert describe_extractor(EXTRACTOR)["weights"] == old.hexdigest()[:16]
 
 
 def test_inception_without_weights_or_internet_explains_the_way_out():

@@ -1,11 +1,16 @@
 """FID/KID during training (SampleQuality) and `diffusion-lab eval`, end to end with offline extractors."""
 
+import contextlib
 import csv
+import io
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from diffusion_lab.callbacks import EMA, SampleQuality
 from diffusion_lab.data import DigitsDataModule
@@ -147,6 +152,95 @@ def test_eval_samples_a_text_model_and_adds_clip_score(tiny_sd, tmp_path):
     )  # fmt: skip
     assert {"fid", "kid_mean", "kid_std", "inception_score", "clip_score"} <= scores.keys()
     assert scores["num_samples"] == 6 and scores["num_reference"] == 180
+
+
+# The FID network itself (random weights, offline): two folders of 12 tiny images that differ in brightness.
+FOLDER_SIZE = 12
+
+
+@pytest.fixture(scope="module")
+def image_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    for name, seed, contrast, offset in (("reference", 0, 1.0, 0), ("generated", 1, 0.6, 60)):
+        (root / name).mkdir()
+        rng = np.random.default_rng(seed)
+        for k in range(FOLDER_SIZE):
+            smooth = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+                (32, 32), Image.BICUBIC
+            )
+            pixels = np.asarray(smooth, dtype=np.float32) * contrast + offset
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name / f"{k:02d}.png")
+    return root / "reference", root / "generated"
+
+
+def _evaluate_inception(folders, weights, cache_dir, protocol: str) -> tuple[dict, str]:
+    reference, generated = folders
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        scores = _evaluate(
+            f"images={generated}", f"reference={reference}", "feature_extractor=inception",
+            f"feature_extractor.weights_path={weights}", f"kid_subset_size={FOLDER_SIZE}", f"cache_dir={cache_dir}",
+            f"fid_protocol={protocol}", "device=cpu",
+        )  # fmt: skip
+    return scores, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def inception_legacy_eval(image_folders, inception_weights, tmp_path_factory):
+    return _evaluate_inception(image_folders, inception_weights, tmp_path_factory.mktemp("cache"), "legacy")
+
+
+def test_eval_with_the_inception_network_reports_finite_scores_under_both_protocols(
+    image_folders, inception_weights, inception_legacy_eval, tmp_path
+):
+    legacy, stdout = inception_legacy_eval
+    assert json.loads(stdout.strip().splitlines()[-1]) == legacy
+    clean, _ = _evaluate_inception(image_folders, inception_weights, tmp_path, "clean")
+    for scores in (legacy, clean):
+        assert scores["feature_extractor"] == "InceptionV3" and scores["num_samples"] == FOLDER_SIZE
+        assert math.isfinite(scores["fid"]) and scores["fid"] > 1 and math.isfinite(scores["kid_mean"])
+        assert math.isfinite(scores["inception_score"])
+    assert clean["fid_protocol"] == "clean" and clean["fid"] != pytest.approx(legacy["fid"], rel=1e-3)
+    assert len(list(tmp_path.glob("*.pt"))) == 1  # the reference features, keyed by the network's digest
+
+
+def test_eval_legacy_fid_and_kid_match_torch_fidelity_on_the_same_network_and_images(
+    image_folders, inception_weights, inception_legacy_eval
+):
+    import torch_fidelity
+
+    reference, generated = image_folders
+    ours, _ = inception_legacy_eval
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(generated), input2=str(reference), cuda=False, fid=True, kid=True,
+        kid_subset_size=FOLDER_SIZE, feature_extractor_weights_path=str(inception_weights), cache=False,
+        save_cpu_ram=True, verbose=False,
+    )  # fmt: skip
+    # Subsets of the whole set are the whole set: KID's random draws agree too.
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
+
+
+def test_callback_scores_with_the_inception_network_of_the_composed_config(
+    compose_config, inception_weights, tmp_path
+):
+    cfg = compose_config(
+        *TINY, "callbacks=[default,sample_quality]", "data.val_fraction=0.005",
+        f"callbacks.sample_quality.feature_extractor.weights_path={inception_weights}",
+        "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=4",
+        "callbacks.sample_quality.batch_size=4", "callbacks.sample_quality.num_inference_steps=2",
+        "callbacks.sample_quality.kid_subset_size=4",
+    )  # fmt: skip
+    quality = instantiate(cfg.callbacks.sample_quality)
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    bare_trainer(2, callbacks=[quality]).fit(model, datamodule=data)
+    scores = quality.last_scores
+    assert scores["step"] == 2 and scores["feature_extractor"] == "InceptionV3"
+    assert scores["num_samples"] == 4 and scores["num_reference"] == 9  # 0.5 % of 1,797 digits
+    assert torch.isfinite(torch.tensor([scores["fid"], scores["kid_mean"], scores["inception_score"]])).all()
+    assert len(list((tmp_path / "cache" / "fid_reference").glob("*.pt"))) == 1
+    with (tmp_path / "sample_quality.csv").open() as handle:
+        assert [row["feature_extractor"] for row in csv.DictReader(handle)] == ["InceptionV3"]
 
 
 @pytest.mark.gpu

@@ -111,6 +111,10 @@ class EMA(L.Callback):
             self._validation_context = None
             context.__exit__(None, None, None)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Stopped mid-validation (SIGTERM): the raw weights go back before a checkpoint is written.
+        self.on_validation_end(trainer, pl_module)
+
     def state_dict(self) -> dict:
         # `target` names the network the shadow weights belong to (what `diffusion-lab export` loads them into).
         return {**self.ema.state_dict(), "target": self.target} if self.ema is not None else {}

@@ -6,7 +6,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.export import write_atomically
+from diffusion_lab.export import write_pipeline
 
 
 class PipelineExport(L.Callback):
@@ -26,4 +26,4 @@ class PipelineExport(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with ema_weights(trainer, pl_module):
-            write_atomically(self.dirpath, pl_module.save_pipeline)
+            write_pipeline(self.dirpath, [pl_module.denoiser], pl_module.save_pipeline)

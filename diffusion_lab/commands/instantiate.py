@@ -5,8 +5,9 @@ import logging
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffusion_lab.callbacks.run_config import RunConfig
 from diffusion_lab.performance import apply_speed_settings, effective_batch_size, scaled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ def build_run(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule
     datamodule = instantiate(cfg.data)
     if cfg.get("latent_cache"):
         datamodule = instantiate(cfg.latent_cache, images=datamodule)
+    callbacks = instantiate_each(cfg.get("callbacks"))
+    if cfg.get("guard"):
+        callbacks.append(instantiate(cfg.guard))
+    callbacks.append(RunConfig(OmegaConf.to_container(cfg, resolve=True)))
     trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
-        logger=instantiate_each(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=instantiate_each(cfg.get("logger")) or False
     )
     per_device = per_device_batch_size(datamodule)
     effective = effective_batch_size(per_device, trainer.accumulate_grad_batches, trainer.world_size)

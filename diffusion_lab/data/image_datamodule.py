@@ -1,13 +1,15 @@
 """The DataModule family for everything read through `load_dataset`: hub ids and local copies alike."""
 
+import itertools
 import logging
 
 import datasets
 import lightning as L
 
+from diffusion_lab.config_checks import ConfigError
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
-from diffusion_lab.data.loaders import PrefetchAwareLoader
+from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
 from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import image_transform, to_signed_unit
@@ -142,11 +144,22 @@ class ImageDataModule(L.LightningDataModule):
             val = self._load(h.val_split)
             self._check_columns(val, h.val_split)
         elif isinstance(train, datasets.IterableDataset):  # hold out the stream's first rows
+            self._check_rows_beyond_val_size(train)
             train, val = train.skip(h.val_size), train.take(h.val_size)
         else:  # hold out a fixed random slice
             parts = train.train_test_split(test_size=min(h.val_size, max(1, len(train) // 10)), seed=h.seed)
             train, val = parts["train"], parts["test"]
         self.train_set, self.val_set = self._stream(train, train=True), self._stream(val, train=False)
+
+    def _check_rows_beyond_val_size(self, stream) -> None:
+        """A stream shorter than `val_size` would leave training nothing (and fail later, deep in a worker)."""
+        h = self.hparams
+        rows = sum(1 for _ in itertools.islice(iter(stream), h.val_size + 1))
+        if rows <= h.val_size:
+            raise ConfigError(
+                f"data.val_size={h.val_size} holds out every row: split {h.train_split!r} has only {rows} rows. "
+                f"Set data.val_size below {rows} (e.g. data.val_size={max(1, rows // 10)}) or name a data.val_split"
+            )
 
     def examples_for_cache(self, split: str) -> tuple[ImageStream, bool]:
         """Each usable example of `split` once, unflipped and centre-cropped, on one process; and whether
@@ -179,5 +192,9 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, stream: ImageStream) -> PrefetchAwareLoader:
         workers = self.hparams.num_workers
         return PrefetchAwareLoader(
-            stream, batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0
+            stream,
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffusion_lab.export import write_atomically
+from diffusion_lab.atomic import write_folder
 from diffusion_lab.models.stable_diffusion import token_ids
 
 CACHE_FORMAT = 1
@@ -96,7 +96,7 @@ def write_latent_cache(
         }
         (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
-    return write_atomically(out_dir, write)
+    return write_folder(out_dir, write)
 
 
 class CachedLatents(Dataset):

@@ -1,5 +1,7 @@
 """DataLoaders whose position goes into the Lightning checkpoint."""
 
+import signal
+
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -31,7 +33,15 @@ def resumable_loader(
         drop_last=drop_last,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group and schedulers signal every process: a worker that died of it
+    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.signals`)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def rank_and_world_size(trainer) -> dict:

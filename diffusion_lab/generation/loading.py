@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.finite import require_finite_modules
 from diffusion_lab.generation.samplers import PixelSampler, Sampler, TextToImageSampler
 
 
@@ -66,7 +67,14 @@ def load_sampler(
         sampler, details = _from_checkpoint(path, use_ema)
         if dtype is not None:
             sampler.to("cpu", dtype)
-        return sampler, details
+        return _finite(sampler, pretrained), details
     if not path.exists() and (str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") > 1):
         raise FileNotFoundError(f"pretrained={pretrained}: no such checkpoint file or pipeline folder")
-    return _from_pipeline(str(path) if path.exists() else str(pretrained), revision, lora, dtype)
+    sampler, details = _from_pipeline(str(path) if path.exists() else str(pretrained), revision, lora, dtype)
+    return _finite(sampler, pretrained), details
+
+
+def _finite(sampler: Sampler, pretrained: str) -> Sampler:
+    """A diverged model would sample black images and exit 0: refuse it."""
+    require_finite_modules([sampler.denoiser], f"to sample from {pretrained}")
+    return sampler

@@ -2,13 +2,13 @@
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_lab.atomic import write_text
 from diffusion_lab.generation.samplers import Sampler, SampleSettings
 from diffusion_lab.images import save_grid, save_image
 
@@ -141,7 +141,5 @@ def write_sample_run(
         "versions": {name: version(name) for name in ("diffusion_lab", "diffusers", "torch")},
     }  # fmt: skip
     settings_path = out_dir / "settings.json"
-    temporary = settings_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(description, indent=2, default=str))
-    os.replace(temporary, settings_path)
+    write_text(settings_path, json.dumps(description, indent=2, default=str))
     return {"images": len(files), "out": str(out_dir), "grid": str(grid), "settings": str(settings_path)}

@@ -34,6 +34,7 @@ class Sampler(Protocol):
 
     kind: str  # "pixel" or "text"
     num_classes: int | None  # class-conditional pixel models
+    denoiser: torch.nn.Module  # the network that predicts the noise
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Sampler": ...
 
@@ -61,6 +62,10 @@ class PixelSampler:
 
     def __init__(self, net: torch.nn.Module, noise_scheduler) -> None:
         self.net, self.noise_scheduler = net, noise_scheduler
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.net
 
     @property
     def num_classes(self) -> int | None:
@@ -122,6 +127,10 @@ class TextToImageSampler:
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
         self.training_scheduler_config = pipeline.scheduler.config
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipeline.unet
 
     @property
     def device(self) -> torch.device:

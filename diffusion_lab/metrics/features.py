@@ -3,7 +3,6 @@
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_lab.atomic import write_file
 from diffusion_lab.metrics.protocol import as_rgb_uint8, prepare_for_extractor
 
 log = logging.getLogger(__name__)
+# Bumped when stored features change meaning: 2 = `clean` resizes in float like clean-fid (1 rounded to uint8).
+FEATURES_FORMAT = 2
 
 
 @dataclass
@@ -73,6 +75,7 @@ def cached_features(
     """Load the features stored under `key`, or compute and store them (written then renamed)."""
     if cache_dir is None:
         return compute()
+    key = {**key, "format": FEATURES_FORMAT}
     path = cache_path(cache_dir, key)
     if path.exists():
         stored = torch.load(path, map_location="cpu", weights_only=False)
@@ -80,13 +83,8 @@ def cached_features(
             log.info("reference features: reusing %s (%d images)", path, len(stored["features"]))
             return ImageFeatures(stored["features"], stored["logits"], stored["captions"])
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(
-        {"key": json.loads(json.dumps(key, default=str)), "features": result.features, "logits": result.logits,
-         "captions": result.captions},
-        temporary,
-    )  # fmt: skip
-    os.replace(temporary, path)
+    stored = {"key": json.loads(json.dumps(key, default=str)), "features": result.features,
+              "logits": result.logits, "captions": result.captions}  # fmt: skip
+    write_file(path, lambda temporary: torch.save(stored, temporary))
     log.info("reference features: wrote %s (%d images)", path, len(result))
     return result

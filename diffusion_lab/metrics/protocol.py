@@ -3,8 +3,10 @@ arXiv:2104.11222).
 
 - `legacy`: uint8 images go in at their own size and the extractor resizes them (for InceptionV3: the
   TF1-style bilinear resize of torch-fidelity / the original TF code: the numbers in most papers).
-- `clean`: each uint8 image is first resized to the extractor's input size with PIL bicubic (antialiased),
-  as clean-fid does; then nothing is left for the extractor to resize.
+- `clean`: each uint8 image is first resized to the extractor's input size as clean-fid does
+  (`make_resizer("PIL", False, "bicubic", ...)`): each channel as a float32 PIL image (mode "F"), PIL bicubic
+  (antialiased), clipped to 0..255 and *not* rounded; the extractor gets these float images and has nothing
+  left to resize.
 """
 
 import numpy as np
@@ -28,16 +30,20 @@ def as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
+def clean_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """clean-fid's resize of one (H, W) channel, values 0..255: float32 (size, size), not rounded."""
+    picture = Image.fromarray(np.asarray(image, dtype=np.float32))  # mode "F"
+    return np.asarray(picture.resize((size, size), Image.BICUBIC)).clip(0, 255)
+
+
 def prepare_for_extractor(images: torch.Tensor, protocol: str, input_size: int | None) -> torch.Tensor:
-    """uint8 (N, 3, H, W) as the protocol hands them to the extractor."""
+    """uint8 (N, 3, H, W) as the protocol hands them to the extractor: `legacy` the same uint8 images;
+    `clean` float32 values 0..255 at `input_size` (already that size: the same values, as PIL's resize to
+    the same size is a copy)."""
     if check_protocol(protocol) == "legacy" or input_size is None:
         return images
     if images.shape[-2:] == (input_size, input_size):
-        return images
-    resized = [
-        np.asarray(
-            Image.fromarray(image.permute(1, 2, 0).numpy()).resize((input_size, input_size), Image.BICUBIC)
-        )
-        for image in images
-    ]
-    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
+        return images.float()
+    channels = images.numpy()
+    resized = [[clean_resize(channel, input_size) for channel in image] for image in channels]
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32))

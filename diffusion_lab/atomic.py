@@ -96,6 +96,18 @@ def _fsync_folder(folder: Path) -> None:
             os.close(descriptor)
 
 
+def _disk_full_error(error: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT behind `error`, also where a library wrapped it (torch.save raises a RuntimeError
+    whose context is the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _disk_full(error: OSError, path: Path) -> DiskFull:
     free = shutil.disk_usage(path.parent).free
     return DiskFull(
@@ -131,8 +143,9 @@ def staged(path: str | Path, folder: bool = False) -> Iterator[Path]:
         _fsync_folder(path.parent)
     except BaseException as error:
         _remove(temporary)
-        if isinstance(error, OSError) and error.errno in _DISK_FULL and not isinstance(error, DiskFull):
-            raise _disk_full(error, path) from error
+        full = _disk_full_error(error)
+        if full is not None and not isinstance(error, DiskFull):
+            raise _disk_full(full, path) from error
         raise
 
 

@@ -19,5 +19,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         require_finite(checkpoint.get("state_dict", {}).items(), f"to checkpoint {path}")
-        write_file(Path(path), lambda temporary: torch.save(checkpoint, temporary))
+        write_file(Path(path), lambda temporary: _save(checkpoint, temporary))
         return None
+
+
+def _save(checkpoint: dict, path: Path) -> None:
+    # Through a Python file: a full disk then surfaces as an OSError (torch's own file stream only says
+    # "unexpected pos").
+    with path.open("wb") as handle:
+        torch.save(checkpoint, handle)

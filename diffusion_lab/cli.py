@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None):
     # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     overrides = admit_library_arguments(CONFIG_DIR, config_name, overrides)
-    task = one_line_config_errors(getattr(importlib.import_module(module_name), function_name))
+    task = report_errors(getattr(importlib.import_module(module_name), function_name))
     sys.argv = [f"diffusion-lab {label}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
     try:
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None):
         raise
 
 
-def one_line_config_errors(task):
-    """A `ConfigError` (a value the run cannot start with) is one logged line and exit status 2."""
+def report_errors(task):
+    """A `ConfigError` (a value the run cannot start with) is one logged line and exit status 2; any other
+    error also goes, with its traceback, into the job's log file (Hydra prints it on the terminal)."""
 
     @functools.wraps(task)
     def run(cfg):
@@ -99,6 +100,14 @@ def one_line_config_errors(task):
         except ConfigError as error:
             log.error("diffusion-lab: %s", error)
             raise SystemExit(2) from None
+        except Exception as error:
+            record = log.makeRecord(
+                log.name, logging.ERROR, __file__, 0, f"fatal: {error!r}", None, sys.exc_info()
+            )
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
+            raise
 
     return run
 

@@ -23,7 +23,9 @@ def _compose_groups(config_dir: Path, config_name: str, overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if "=" in o and not o.startswith("-")]
+        )
     except Exception:
         return None
     groups = [

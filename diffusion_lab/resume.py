@@ -15,16 +15,18 @@ RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each
 def resolve_checkpoint(
     ckpt_path: str | None, checkpoint_dir: str | Path | None, root_dir: str | Path
 ) -> Path | None:
-    """A file, or `last`: this run folder's newest of `last.ckpt` and SLURM's `hpc_ckpt_*.ckpt` (None, said in one
-    line, when there is none yet: a requeued job that never saved starts from step 0)."""
+    """A file; or `last`: this run folder's newest of `last.ckpt` and SLURM's `hpc_ckpt_*.ckpt` (None, said in one
+    line, when there is none yet); or, with no `ckpt_path`, a SLURM requeue's `hpc_ckpt_*.ckpt` if there is one."""
+    hpc = list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))  # written only by Lightning's SLURM requeue (USR1)
     if not ckpt_path:
-        return None
+        # A requeued SLURM job reruns its command unchanged: Lightning restores its hpc checkpoint by itself.
+        return max(hpc, key=lambda path: path.stat().st_mtime) if hpc else None
     if ckpt_path != "last":
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         return path
-    candidates = list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))
+    candidates = hpc
     if checkpoint_dir is not None:
         candidates += [Path(checkpoint_dir) / "last.ckpt"]
     candidates = [path for path in candidates if path.is_file()]

@@ -5,6 +5,7 @@ sweep ends this Hydra callback collects them, so the table covers grid, Optuna a
 """
 
 import csv
+import io
 import json
 import logging
 import math
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from diffusion_lab.atomic import write_text
 
 log = logging.getLogger(__name__)
 RUN_SUMMARY = "run_summary.json"
@@ -43,10 +46,11 @@ def write_summary(
     columns = COLUMNS + ([optimized_metric] if optimized_metric and optimized_metric not in COLUMNS else [])
     rows = [[_cell(run.get(column)) for column in columns] for run in runs]
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    write_text(csv_path, table.getvalue())
     lines = [f"# Sweep {sweep_dir}", "", f"{len(runs)} runs.", ""]
     scored = [run for run in runs if isinstance(run.get(optimized_metric or ""), int | float)]
     if scored:
@@ -55,7 +59,7 @@ def write_summary(
                   f"({_cell(best.get('overrides')) or 'no overrides'}).", ""]  # fmt: skip
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

@@ -23,7 +23,7 @@ from diffusion_lab.callbacks import (
 )
 from diffusion_lab.callbacks.sample_quality import describe_scores
 from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
-from diffusion_lab.config_checks import ConfigError, check_run_config
+from diffusion_lab.config_checks import check_run_config
 from diffusion_lab.finite import NonFiniteWeights
 from diffusion_lab.loggers import resume_logs
 from diffusion_lab.performance import effective_batch_size
@@ -65,11 +65,6 @@ def train(cfg: DictConfig) -> float | None:
         status, ending = "diverged", error
     except SystemExit as error:  # RunInterrupted, Lightning's SIGTERMException, a second Ctrl-C
         status, ending = "interrupted", error
-    except ConfigError:
-        raise  # one line, from the command line's handler
-    except Exception:
-        log.exception("training failed at step %d", trainer.global_step)
-        raise
     finally:
         if trainer.is_global_zero:
             images = (trainer.global_step - resume_step) * effective_batch(trainer, datamodule)
@@ -100,8 +95,9 @@ def stop_diverged(trainer: L.Trainer, error: Exception) -> None:
     log.error(
         "diverged: %s. Nothing after that was checkpointed or exported. Last good checkpoint: %s. "
         "Try a lower model.lr, or guard.nonfinite=skip",
-        error, _last_checkpoint(trainer),
-    )  # fmt: skip
+        error,
+        _last_checkpoint(trainer),
+    )
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return None  # the sweep goes on; Optuna records a failed trial
     raise SystemExit(EXIT_DIVERGED)
@@ -120,8 +116,10 @@ def stop_interrupted(trainer: L.Trainer, output_dir: Path, error: SystemExit) ->
     code = error.code if isinstance(error.code, int) and error.code >= 128 else 130
     log.warning(
         "interrupted at step %d; last.ckpt: %s. Resume with:\n  %s",
-        trainer.global_step, _last_checkpoint(trainer), resume_command(output_dir),
-    )  # fmt: skip
+        trainer.global_step,
+        _last_checkpoint(trainer),
+        resume_command(output_dir),
+    )
     raise SystemExit(code)
 
 

@@ -83,8 +83,12 @@ def cached_features(
             log.info("reference features: reusing %s (%d images)", path, len(stored["features"]))
             return ImageFeatures(stored["features"], stored["logits"], stored["captions"])
     result = compute()
-    stored = {"key": json.loads(json.dumps(key, default=str)), "features": result.features,
-              "logits": result.logits, "captions": result.captions}  # fmt: skip
+    stored = {
+        "key": json.loads(json.dumps(key, default=str)),
+        "features": result.features,
+        "logits": result.logits,
+        "captions": result.captions,
+    }
     write_file(path, lambda temporary: torch.save(stored, temporary))
     log.info("reference features: wrote %s (%d images)", path, len(result))
     return result

@@ -1,0 +1,1 @@
+"""diffusion_lab: Lightning + Hydra training of diffusion models on diffusers components."""

@@ -1,0 +1,1 @@
+"""Measurement helpers for `diffusion-lab bench`: timing, FLOP counting, baselines."""

@@ -1,0 +1,140 @@
+"""Exponential moving average of the trainable network, as a Lightning callback around diffusers' EMAModel."""
+
+import contextlib
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from diffusers.training_utils import EMAModel
+
+
+class EMA(L.Callback):
+    """Average the trainable weights of `pl_module.<target>` (never a frozen VAE or text encoder; of a LoRA
+    UNet, the adapters).
+
+    Every rank keeps its own copy; DDP keeps the weights identical across ranks, so the copies are too, and
+    rank 0's is the one checkpointed. The average is swapped in for validation (samples, val/loss) and used
+    for the final grid and the export.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.995,
+        update_every: int = 1,
+        update_after_step: int = 0,
+        use_ema_warmup: bool = False,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        min_decay: float = 0.0,
+        target: str = "net",
+        validate_with_ema: bool = True,
+    ) -> None:
+        self.hyperparameters = dict(
+            decay=decay,
+            update_after_step=update_after_step,
+            use_ema_warmup=use_ema_warmup,
+            inv_gamma=inv_gamma,
+            power=power,
+            min_decay=float(min_decay),
+        )
+        self.update_every = update_every
+        self.target = target
+        self.validate_with_ema = validate_with_ema
+        self.ema: EMAModel | None = None
+        self._state_to_load: dict | None = None
+        self._last_step = 0
+        self._swapped = False
+        self._validation_context: contextlib.AbstractContextManager | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "EMA"
+
+    def parameters(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+        network = getattr(pl_module, self.target, None)
+        if not isinstance(network, torch.nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"callbacks.ema.target={self.target!r} is not a network of the model; it has {children}"
+            )
+        return [parameter for parameter in network.parameters() if parameter.requires_grad]
+
+    def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
+        if self.ema is None:
+            # foreach: one fused kernel per update instead of one per tensor.
+            self.ema = EMAModel(self.parameters(pl_module), foreach=True, **self.hyperparameters)
+        if self._state_to_load is not None:
+            self.ema.load_state_dict(self._state_to_load)
+            self._state_to_load = None
+        self.ema.to(device=pl_module.device)
+        return self.ema
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ensure_ema(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After checkpoint restore, so a resumed run does not take its first micro-batch for a step.
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Average after optimizer steps only (not after each accumulation micro-batch).
+        if trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        if trainer.global_step % self.update_every == 0:
+            self._ensure_ema(pl_module).step(self.parameters(pl_module))
+
+    @contextlib.contextmanager
+    def averaged_weights(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Temporarily load the averaged weights into the network."""
+        if self._swapped:  # already inside (e.g. export during validation)
+            yield
+            return
+        ema, parameters = self._ensure_ema(pl_module), self.parameters(pl_module)
+        ema.store(parameters)
+        ema.copy_to(parameters)
+        self._swapped = True
+        try:
+            yield
+        finally:
+            ema.restore(parameters)
+            self._swapped = False
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.validate_with_ema and trainer.state.fn == "fit":
+            self._validation_context = self.averaged_weights(pl_module)
+            self._validation_context.__enter__()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        context = self._validation_context
+        if context is not None:
+            self._validation_context = None
+            context.__exit__(None, None, None)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Stopped mid-validation (SIGTERM): the raw weights go back before a checkpoint is written.
+        self.on_validation_end(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        # `target` names the network the shadow weights belong to (what `diffusion-lab export` loads them into).
+        return {**self.ema.state_dict(), "target": self.target} if self.ema is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = {k: v for k, v in state_dict.items() if k != "target"}
+        if state_dict:
+            self._state_to_load = state_dict
+            if self.ema is not None:  # restored after setup (FSDP, DeepSpeed): keep it on the weights' device
+                device = self.ema.shadow_params[0].device
+                self.ema.load_state_dict(state_dict)
+                self.ema.to(device=device)
+                self._state_to_load = None
+
+
+def find_ema(trainer: L.Trainer) -> EMA | None:
+    return next((callback for callback in trainer.callbacks if isinstance(callback, EMA)), None)
+
+
+def ema_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> contextlib.AbstractContextManager:
+    """The EMA weights if an EMA callback is attached, else the raw weights."""
+    ema = find_ema(trainer)
+    return ema.averaged_weights(pl_module) if ema is not None else contextlib.nullcontext()

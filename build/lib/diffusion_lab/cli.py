@@ -1,0 +1,116 @@
+"""`diffusion-lab COMMAND [overrides]`: each command is a Hydra app over the configs shipped in `diffusion_lab/conf/`."""
+
+import functools
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+
+from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.overrides import admit_library_arguments, explain_bad_overrides
+from diffusion_lab.resolvers import register_resolvers
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # package data: the same in a checkout, a wheel, a venv
+
+# command -> (module, task function, primary config); `bench` takes a case name first.
+COMMANDS = {
+    "train": ("diffusion_lab.commands.train", "train", "train"),
+    "sample": ("diffusion_lab.commands.sample", "sample", "sample"),
+    "eval": ("diffusion_lab.commands.evaluate", "evaluate", "eval"),
+    "export": ("diffusion_lab.commands.export", "export", "export"),
+    "tiny-sd": ("diffusion_lab.commands.tiny_sd", "tiny_sd", "tiny_sd"),
+}
+BENCH_CASES = {
+    "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
+    "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
+    "sampling": ("diffusion_lab.commands.bench_sampling", "bench_sampling", "bench_sampling"),
+    "latent_cache": ("diffusion_lab.commands.bench_latent_cache", "bench_latent_cache", "bench_latent_cache"),
+}
+
+USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--help]
+
+commands:
+  train              train a model (no arguments: DDPM on the embedded digits)
+  sample             images from a checkpoint, pipeline folder or hub id: pretrained=PATH_OR_ID out=DIR
+  eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR or pretrained=..., vs
+                     reference=DIR or data=NAME
+  export             Lightning checkpoint -> diffusers pipeline folder: ckpt=PATH out=DIR
+  tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out=DIR
+  bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
+
+Every config value is overridable (model.lr=1e-4 trainer.max_steps=500); `--help` after a command lists
+its config groups. Configs: {CONFIG_DIR}
+"""
+
+
+def _resolve(argv: list[str]) -> tuple[tuple[str, str, str], list[str], str]:
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            raise SystemExit(f"diffusion-lab bench: name a case first; valid cases: {', '.join(BENCH_CASES)}")
+        if rest[0] not in BENCH_CASES:
+            raise SystemExit(
+                f"diffusion-lab bench: unknown case {rest[0]!r}; valid cases: {', '.join(BENCH_CASES)}"
+            )
+        return BENCH_CASES[rest[0]], rest[1:], f"bench {rest[0]}"
+    if command not in COMMANDS:
+        raise SystemExit(
+            f"diffusion-lab: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}, bench"
+        )
+    return COMMANDS[command], rest, command
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return None
+    (module_name, function_name, config_name), overrides, label = _resolve(argv)
+    register_resolvers()
+    # submitit asks SLURM for USR2 before a time-out; Lightning's SLURM auto-requeue (checkpoint, requeue,
+    # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
+    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    overrides = admit_library_arguments(CONFIG_DIR, config_name, overrides)
+    task = report_errors(getattr(importlib.import_module(module_name), function_name))
+    sys.argv = [f"diffusion-lab {label}", *overrides]
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
+    try:
+        return app()
+    except SystemExit as exit_:
+        if exit_.code:
+            hint = explain_bad_overrides(CONFIG_DIR, config_name, overrides)
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
+
+
+def report_errors(task):
+    """A `ConfigError` (a value the run cannot start with) is one logged line and exit status 2; any other
+    error also goes, with its traceback, into the job's log file (Hydra prints it on the terminal)."""
+
+    @functools.wraps(task)
+    def run(cfg):
+        try:
+            return task(cfg)
+        except ConfigError as error:
+            log.error("diffusion-lab: %s", error)
+            raise SystemExit(2) from None
+        except Exception as error:
+            record = log.makeRecord(
+                log.name, logging.ERROR, __file__, 0, f"fatal: {error!r}", None, sys.exc_info()
+            )
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
+            raise
+
+    return run
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Thin Hydra apps: compose config, instantiate, call library code."""

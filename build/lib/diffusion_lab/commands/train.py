@@ -1,0 +1,195 @@
+"""`diffusion-lab train`: fit, then say truthfully how it ended and where everything went."""
+
+import json
+import logging
+import math
+import shlex
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.atomic import write_text
+from diffusion_lab.callbacks import (
+    Diverged,
+    PipelineExport,
+    PromptGrid,
+    RunCheckpoint,
+    SampleGrid,
+    SampleQuality,
+)
+from diffusion_lab.callbacks.sample_quality import describe_scores
+from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
+from diffusion_lab.config_checks import check_run_config
+from diffusion_lab.finite import NonFiniteWeights
+from diffusion_lab.loggers import resume_logs
+from diffusion_lab.performance import effective_batch_size
+from diffusion_lab.resume import check_same_architecture, resolve_checkpoint
+from diffusion_lab.signals import stop_on_signals
+from diffusion_lab.sweep_summary import RUN_SUMMARY
+
+log = logging.getLogger(__name__)
+EXIT_DIVERGED = 3
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Returns `cfg.optimized_metric` (e.g. val/loss) so Hydra sweepers can minimise it; None for a run that
+    diverged (a failed trial). Exits 130 / 143 when stopped by SIGINT / SIGTERM, 3 when it diverged."""
+    logging.captureWarnings(True)  # Lightning's and the libraries' warnings into train.log too
+    check_run_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule, model, trainer = build_run(cfg)
+    checkpoints = trainer.checkpoint_callback
+    resume = resolve_checkpoint(
+        cfg.get("ckpt_path"), getattr(checkpoints, "dirpath", None), trainer.default_root_dir
+    )
+    resume_step = check_same_architecture(resume, model, cfg) if resume else 0
+    if rank_zero_only.rank == 0:  # every rank builds the run; one writes its files
+        write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if resume:
+            log.info("resuming from %s (step %d)", resume, resume_step)
+            resume_logs(trainer.loggers, resume_step)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    started = time.perf_counter()
+    status, ending = "failed", None
+    try:
+        with stop_on_signals():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        status = "finished"
+    except (Diverged, NonFiniteWeights) as error:
+        status, ending = "diverged", error
+    except SystemExit as error:  # RunInterrupted, Lightning's SIGTERMException, a second Ctrl-C
+        status, ending = "interrupted", error
+    finally:
+        if trainer.is_global_zero:
+            images = (trainer.global_step - resume_step) * effective_batch(trainer, datamodule)
+            write_run_summary(output_dir, trainer, status, time.perf_counter() - started, images, ending)
+    if status == "diverged":
+        return stop_diverged(trainer, ending)
+    if status == "interrupted":
+        stop_interrupted(trainer, output_dir, ending)
+    if trainer.is_global_zero:
+        print(summary(trainer, output_dir))
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    return None if metric is None or not math.isfinite(float(metric)) else float(metric)
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    checkpoint = trainer.checkpoint_callback
+    path = checkpoint.last_path if isinstance(checkpoint, RunCheckpoint) else None
+    if path is None or not path.exists():
+        return "none (no checkpoint was written)"
+    return str(path)
+
+
+def stop_diverged(trainer: L.Trainer, error: Exception) -> None:
+    """Say what happened and the way back; a single run exits non-zero, a sweep's job returns no value."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    log.error(
+        "diverged: %s. Nothing after that was checkpointed or exported. Last good checkpoint: %s. "
+        "Try a lower model.lr, or guard.nonfinite=skip",
+        error,
+        _last_checkpoint(trainer),
+    )
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return None  # the sweep goes on; Optuna records a failed trial
+    raise SystemExit(EXIT_DIVERGED)
+
+
+def resume_command(output_dir: Path) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [item for item in given if not item.startswith(("ckpt_path=", "hydra.run.dir="))]
+    words = ["diffusion-lab", "train", *kept, f"hydra.run.dir={output_dir}", "ckpt_path=last"]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def stop_interrupted(trainer: L.Trainer, output_dir: Path, error: SystemExit) -> None:
+    code = error.code if isinstance(error.code, int) and error.code >= 128 else 130
+    log.warning(
+        "interrupted at step %d; last.ckpt: %s. Resume with:\n  %s",
+        trainer.global_step,
+        _last_checkpoint(trainer),
+        resume_command(output_dir),
+    )
+    raise SystemExit(code)
+
+
+def effective_batch(trainer: L.Trainer, datamodule: L.LightningDataModule) -> int:
+    return effective_batch_size(
+        per_device_batch_size(datamodule), trainer.accumulate_grad_batches, trainer.world_size
+    )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def write_run_summary(
+    output_dir: Path, trainer: L.Trainer, status: str, wall_time_s: float, images: int, ending=None
+) -> None:
+    """`run_summary.json` (strict JSON: a NaN is null): what a sweep's summary table shows of this run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    metrics = {
+        key: _finite_or_none(float(value))
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith(("train/", "val/"))
+    }
+    run = {
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "status": status,
+        **metrics,
+        "images_per_s": images / wall_time_s if wall_time_s > 0 else None,  # training images over fit time
+        "wall_time_s": wall_time_s,
+        "global_step": trainer.global_step,
+        "last_checkpoint": _last_checkpoint(trainer),
+        "message": None if ending is None else str(ending) or type(ending).__name__,
+        "output_dir": str(output_dir),
+    }
+    write_text(output_dir / RUN_SUMMARY, json.dumps(run, indent=2, allow_nan=False))
+
+
+def summary(trainer: L.Trainer, output_dir: Path) -> str:
+    """The closing lines of a run: what it wrote, and where (read from disk, so it holds under ddp_spawn)."""
+    rows = [
+        ("run directory", output_dir),
+        ("resolved config", output_dir / "config.yaml"),
+        ("run summary", output_dir / RUN_SUMMARY),
+    ]
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunCheckpoint) and callback.dirpath:
+            rows.append(("checkpoints", Path(callback.dirpath)))
+            if callback.last_path is not None:
+                rows.append((f"last checkpoint (step {trainer.global_step})", callback.last_path))
+        elif isinstance(callback, SampleGrid | PromptGrid):
+            rows.append(("final sample grid", callback.dirpath / "final.png"))
+        elif isinstance(callback, PipelineExport):
+            rows.append(("diffusers pipeline", callback.dirpath))
+        elif isinstance(callback, SampleQuality) and callback.csv_path:
+            rows.append(("sample quality", callback.csv_path))
+    cache = getattr(trainer.datamodule, "cache_folder", None)
+    if cache is not None:
+        rows.append(("latent cache", cache("train").parent))
+    rows += [
+        ("metrics", Path(logger.log_dir) / "metrics.csv")
+        for logger in trainer.loggers
+        if isinstance(logger, CSVLogger)
+    ]
+    rows = [(name, path) for name, path in rows if path.exists()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {path}" for name, path in rows]
+    metrics = {
+        k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
+    }
+    scored = [c.last_scores for c in trainer.callbacks if isinstance(c, SampleQuality) and c.last_scores]
+    quality = [f"Sample quality at step {s['step']}: {describe_scores(s)}" for s in scored]
+    return "\n".join(["", f"Finished at step {trainer.global_step}: {metrics}", *quality, *lines])

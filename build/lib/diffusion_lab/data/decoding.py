@@ -1,0 +1,99 @@
+"""Bytes to a PIL image in the model's mode, and the bookkeeping of what could not be decoded."""
+
+import io
+import logging
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(ValueError):
+    """A row that cannot become a training example (corrupt image, missing caption, ...)."""
+
+
+def _open(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (str, bytes)) and value:
+        return Image.open(value) if isinstance(value, str) else Image.open(io.BytesIO(value))
+    raise BadSample(f"no image data ({type(value).__name__})")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer and float modes scaled to 8-bit grey (PIL's convert would clip them)."""
+    array = np.asarray(image, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def decode_image(value, channels: int = 3, min_size: int | None = None) -> Image.Image:
+    """A fully loaded RGB (channels=3) or L (channels=1) image, EXIF orientation applied.
+
+    `min_size`: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still at
+    least this, which is most of the decoding cost saved when photos are much larger than the model's input.
+    Raises BadSample for anything PIL cannot read.
+    """
+    try:
+        image = _open(value)
+        if min_size and image.format == "JPEG":
+            scale = min(image.size) / min_size
+            image.draft(image.mode, (image.width / scale, image.height / scale))
+        if "exif" in image.info or image.format not in ("JPEG", "PNG"):  # no EXIF block: nothing to turn
+            ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = _to_8_bit(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite onto white: transparent pixels have undefined colour underneath.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        target = "L" if channels == 1 else "RGB"
+        if image.mode != target:
+            image = image.convert(target)
+        image.load()
+        return image
+    except BadSample:
+        raise
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise BadSample(f"{type(error).__name__}: {error}") from error
+
+
+class BadDataTally:
+    """Counts skipped rows, keeps a few examples, and stops the run once too large a fraction is bad."""
+
+    def __init__(self, max_bad_fraction: float, min_rows: int = 50, examples: int = 5) -> None:
+        self.max_bad_fraction, self.min_rows, self.keep = max_bad_fraction, min_rows, examples
+        self.seen = 0
+        self.bad = 0
+        self.examples: list[str] = []
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def skip(self, where: str, reason: str) -> None:
+        self.seen += 1
+        self.bad += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(f"{where}: {reason}")
+        log.warning("skipped %s: %s (%d of %d rows skipped so far)", where, reason, self.bad, self.seen)
+        if self.seen >= self.min_rows and self.bad / self.seen > self.max_bad_fraction:
+            self.fail()
+
+    def fail(self) -> None:
+        raise RuntimeError(
+            f"{self.bad} of {self.seen} rows could not be used ({self.bad / self.seen:.1%} > "
+            f"data.max_bad_fraction={self.max_bad_fraction:.1%}). Examples:\n  " + "\n  ".join(self.examples)
+        )
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "bad": self.bad, "examples": list(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.bad, self.examples = state["seen"], state["bad"], list(state["examples"])

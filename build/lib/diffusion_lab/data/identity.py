@@ -1,0 +1,12 @@
+"""What a DataModule's images are, as opposed to how they are loaded: the key of caches built from them."""
+
+import lightning as L
+
+# Loader settings: they change the speed of reading, not what is read.
+NOT_CONTENT = {"batch_size", "num_workers", "shuffle_buffer"}
+
+
+def data_identity(datamodule: L.LightningDataModule) -> dict:
+    """Class and content hyperparameters (path, resolution, crop, captions, split sizes, seed)."""
+    content = {key: value for key, value in dict(datamodule.hparams).items() if key not in NOT_CONTENT}
+    return {"class": type(datamodule).__qualname__, **content}

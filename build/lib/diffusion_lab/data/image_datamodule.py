@@ -1,0 +1,200 @@
+"""The DataModule family for everything read through `load_dataset`: hub ids and local copies alike."""
+
+import itertools
+import logging
+
+import datasets
+import lightning as L
+
+from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.data.captions import CaptionMaker
+from diffusion_lab.data.decoding import BadSample, decode_image
+from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
+from diffusion_lab.data.sources import load_split
+from diffusion_lab.data.stream import ImageStream
+from diffusion_lab.data.transforms import image_transform, to_signed_unit
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images (+ labels, + captions) from `path`: a hub id (`nelorth/oxford-flowers`) or a local folder,
+    parquet / arrow / CSV / JSONL file, or `save_to_disk` directory in the same schema.
+
+    Batches: `pixels` (uint8 from the loader, [-1, 1] floats once on the device), `index`, and `label` /
+    `caption` when configured. With `caption_template`
+    ("a photo of a {label} flower") labels become captions, named by the dataset's ClassLabel names or by
+    `label_display` (a table name in `captions.LABEL_NAME_TABLES`, or a mapping).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        streaming: bool = True,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_size: int = 64,
+        image_column: str = "image",
+        label_column: str | None = None,
+        caption_column: str | None = None,
+        caption_template: str | None = None,
+        label_display: str | dict | None = None,
+        image_size: int = 64,
+        channels: int = 3,
+        center_crop: bool = True,
+        random_flip: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        max_bad_fraction: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: ImageStream | None = None
+        self.val_set: ImageStream | None = None
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def _load(self, split: str):
+        h = self.hparams
+        try:
+            return load_split(h.path, split, streaming=h.streaming, name=h.name, image_column=h.image_column)
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # the datasets library's words for an empty split
+                raise ValueError(f"{h.path} (split {split!r}) has no rows") from error
+            raise
+
+    def _check_columns(self, dataset, split: str) -> None:
+        """Fail before training: no rows, or a configured column that is not there."""
+        h = self.hparams
+        if isinstance(dataset, datasets.IterableDataset):
+            first = next(iter(dataset.take(1)), None)
+            if first is None:
+                raise ValueError(f"{h.path} (split {split!r}) has no rows")
+            columns = list(first)
+        else:
+            if len(dataset) == 0:
+                raise ValueError(f"{h.path} (split {split!r}) has no rows")
+            columns = dataset.column_names
+        wanted = {"data.image_column": h.image_column, "data.label_column": h.label_column}
+        wanted["data.caption_column"] = h.caption_column
+        missing = [f"{key}={column!r}" for key, column in wanted.items() if column and column not in columns]
+        if missing:
+            raise ValueError(
+                f"{h.path} (split {split!r}): {', '.join(missing)} not found; its columns are {columns}"
+            )
+
+    def _label_names(self, dataset) -> list[str] | None:
+        feature = (
+            (dataset.features or {}).get(self.hparams.label_column) if self.hparams.label_column else None
+        )
+        return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+    # ---- examples -----------------------------------------------------------------------------------
+    def _example_maker(self, dataset, train: bool):
+        h = self.hparams
+        transform = image_transform(h.image_size, h.random_flip and train, h.center_crop or not train)
+        captions = CaptionMaker(
+            h.caption_column, h.caption_template, h.label_column, self._label_names(dataset), h.label_display
+        )
+
+        def to_example(row: dict, entropy: int) -> dict:
+            image = decode_image(row[h.image_column], h.channels, min_size=h.image_size)
+            example = {"pixels": transform(image, entropy)}
+            if h.label_column:
+                example["label"] = row[h.label_column]
+            if captions.enabled:
+                caption = captions(row)
+                if caption is None:
+                    raise BadSample("missing caption")
+                example["caption"] = caption
+            return example
+
+        return to_example
+
+    def _describe_row(self, row: dict, index: int) -> str:
+        image = row.get(self.hparams.image_column)
+        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+        return f"{self.hparams.path} row {index}" + (f" ({path})" if path else "")
+
+    def _stream(self, dataset, train: bool) -> ImageStream:
+        h = self.hparams
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return ImageStream(
+            dataset,
+            self._example_maker(dataset, train),
+            rank=rank,
+            world_size=world,
+            shuffle=train,
+            seed=h.seed,
+            shuffle_buffer=h.shuffle_buffer,
+            epochs=None if train else 1,
+            max_bad_fraction=h.max_bad_fraction,
+            describe_row=self._describe_row,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        train = self._load(h.train_split)
+        self._check_columns(train, h.train_split)
+        if h.val_split is not None:
+            val = self._load(h.val_split)
+            self._check_columns(val, h.val_split)
+        elif isinstance(train, datasets.IterableDataset):  # hold out the stream's first rows
+            self._check_rows_beyond_val_size(train)
+            train, val = train.skip(h.val_size), train.take(h.val_size)
+        else:  # hold out a fixed random slice
+            parts = train.train_test_split(test_size=min(h.val_size, max(1, len(train) // 10)), seed=h.seed)
+            train, val = parts["train"], parts["test"]
+        self.train_set, self.val_set = self._stream(train, train=True), self._stream(val, train=False)
+
+    def _check_rows_beyond_val_size(self, stream) -> None:
+        """A stream shorter than `val_size` would leave training nothing (and fail later, deep in a worker)."""
+        h = self.hparams
+        rows = sum(1 for _ in itertools.islice(iter(stream), h.val_size + 1))
+        if rows <= h.val_size:
+            raise ConfigError(
+                f"data.val_size={h.val_size} holds out every row: split {h.train_split!r} has only {rows} rows. "
+                f"Set data.val_size below {rows} (e.g. data.val_size={max(1, rows // 10)}) or name a data.val_split"
+            )
+
+    def examples_for_cache(self, split: str) -> tuple[ImageStream, bool]:
+        """Each usable example of `split` once, unflipped and centre-cropped, on one process; and whether
+        training flips at random (then the cache holds both orientations)."""
+        h = self.hparams
+        if split == "train" and not h.center_crop:
+            raise ValueError(
+                "a latent cache holds one crop per image, so it needs centre crops: set center_crop=true "
+                "on the cached data (random crops need latent_cache=null)"
+            )
+        self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set}[split].dataset
+        stream = ImageStream(
+            dataset, self._example_maker(dataset, train=False), shuffle=False, seed=h.seed, epochs=1,
+            max_bad_fraction=h.max_bad_fraction, describe_row=self._describe_row,
+        )  # fmt: skip
+        return stream, h.random_flip
+
+    def train_dataloader(self) -> PrefetchAwareLoader:
+        # The stream shards and shuffles itself; Lightning checkpoints the loader's state (the position).
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> PrefetchAwareLoader:
+        return self._loader(self.val_set)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Workers ship uint8; the conversion to [-1, 1] floats runs on the training device.
+        return {**batch, "pixels": to_signed_unit(batch["pixels"])}
+
+    def _loader(self, stream: ImageStream) -> PrefetchAwareLoader:
+        workers = self.hparams.num_workers
+        return PrefetchAwareLoader(
+            stream,
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals,
+        )

@@ -1,0 +1,150 @@
+"""Training on cached latents and text embeddings instead of images (`latent_cache=disk`)."""
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from diffusion_lab.core.random import mix_key
+from diffusion_lab.data.identity import data_identity
+from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
+from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
+from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader
+from diffusion_lab.dtypes import dtype_from_name
+from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
+
+log = logging.getLogger(__name__)
+
+_FLIP_SALT = 0xF11B
+# Settings of the wrapped data that change how it is read, not what the examples are.
+SPLITS = ("train", "val")
+
+
+class LatentCacheDataModule(L.LightningDataModule):
+    """Wraps an image DataModule (`images`, any `data=` option with captions).
+
+    `prepare_data` (once per node, before any rank trains) runs the frozen VAE and text encoder of
+    `pretrained` over each split once and writes the result under `cache_dir/<key>/<split>/`. The key is a
+    hash of everything that changes the cache's contents: the exact frozen weights (hub commit or local
+    files), the data settings (source, resolution, crop, flip, captions, held-out split), the encoders'
+    dtypes and the storage dtype. A changed setting gets a new folder; nothing stale is ever read (stale
+    embeddings after a precision change gave NaN losses in kohya-ss/sd-scripts PR 1413).
+
+    Batches: `latent_mean`, `latent_std` (one orientation, chosen per image and step when the data flips
+    at random), `text_embedding`, `empty_text_embedding`, `caption`, `index`.
+    """
+
+    def __init__(
+        self,
+        images: L.LightningDataModule,
+        pretrained: str,
+        cache_dir: str,
+        revision: str | None = None,
+        vae_dtype: str | None = "float32",
+        text_encoder_dtype: str = "float32",
+        storage_dtype: str = "float32",
+        encode_batch_size: int = 32,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["images"])
+        check_storage_dtype(storage_dtype)
+        self.images = images
+        self.batch_size = batch_size or images.hparams.batch_size
+        self.train_set: CachedLatents | None = None
+        self.val_set: CachedLatents | None = None
+        self._fingerprint: str | None = None
+
+    # ---- where ----------------------------------------------------------------------------------------
+    def cache_key(self, split: str) -> dict:
+        h = self.hparams
+        if self._fingerprint is None:
+            self._fingerprint = frozen_parts_fingerprint(h.pretrained, h.revision)
+        return {
+            "format": CACHE_FORMAT,
+            "frozen_parts": self._fingerprint,
+            "vae_dtype": str(h.vae_dtype),
+            "text_encoder_dtype": str(h.text_encoder_dtype),
+            "storage_dtype": h.storage_dtype,
+            "data": data_identity(self.images),
+            "split": split,
+        }
+
+    def cache_folder(self, split: str) -> Path:
+        key = self.cache_key(split)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return Path(self.hparams.cache_dir) / digest / split
+
+    # ---- building ---------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        missing = [split for split in SPLITS if not (self.cache_folder(split) / "meta.json").exists()]
+        for split in SPLITS:
+            if split not in missing:
+                log.info("latent cache (%s): reusing %s", split, self.cache_folder(split))
+        if not missing:
+            return
+        h = self.hparams
+        self.images.prepare_data()
+        self.images.setup("fit")
+        parts = load_text_and_vae(h.pretrained, h.revision)
+        if h.vae_dtype is not None:
+            parts["vae"].to(dtype_from_name(h.vae_dtype))
+        parts["text_encoder"].to(dtype_from_name(h.text_encoder_dtype))
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for split in missing:
+            examples, flips = self.images.examples_for_cache(split)
+            folder = write_latent_cache(
+                self.cache_folder(split), examples, lambda batch: self.images.on_after_batch_transfer(batch, 0),
+                parts, flips=flips and split == "train", key=self.cache_key(split), device=device,
+                batch_size=h.encode_batch_size, dtype=h.storage_dtype, description=f"Caching latents ({split})",
+            )  # fmt: skip
+            log.info("latent cache (%s): wrote %s", split, folder)
+        del parts
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- reading --------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        folders = {split: self.cache_folder(split) for split in SPLITS}
+        for split, folder in folders.items():
+            if not (folder / "meta.json").exists():
+                raise FileNotFoundError(
+                    f"no latent cache for the {split} split at {folder}: prepare_data() builds it "
+                    "(Trainer.fit calls it before setup)"
+                )
+        self.train_set, self.val_set = CachedLatents(folders["train"]), CachedLatents(folders["val"])
+
+    def train_dataloader(self):
+        return resumable_loader(
+            self.train_set, self.batch_size, shuffle=True, seed=self.hparams.seed,
+            num_workers=self.hparams.num_workers, drop_last=len(self.train_set) >= self.batch_size,
+            **rank_and_world_size(self.trainer),
+        )  # fmt: skip
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Pick one orientation per image: at random (keyed on seed, step, image) in training, the
+        unflipped one otherwise."""
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        rows = torch.arange(len(mean), device=mean.device)
+        if mean.shape[1] > 1 and self.trainer is not None and self.trainer.training:
+            step = self.trainer.global_step
+            flips = [
+                mix_key(self.hparams.seed ^ _FLIP_SALT, step, int(i)) & 1 for i in batch["index"].tolist()
+            ]
+            choice = torch.tensor(flips, device=mean.device)
+        else:
+            choice = torch.zeros(len(mean), dtype=torch.long, device=mean.device)
+        return {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice]}

@@ -1,0 +1,69 @@
+"""DataLoaders whose position goes into the Lightning checkpoint."""
+
+import signal
+
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+def resumable_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> StatefulDataLoader:
+    """A StatefulDataLoader over this rank's shard of one seeded order.
+
+    The order is the same for every world size (a DistributedSampler seeded by `seed`, reshuffled per epoch
+    by Lightning's `set_epoch`) and rank r takes positions r, r + W, ...: so W processes at batch B see, step
+    by step, exactly the examples one process sees at batch W x B, without duplicates. The global RNG plays no
+    part. Lightning saves and restores the loader's `state_dict()`, so a resumed run continues with the next
+    batch instead of replaying the epoch.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group and schedulers signal every process: a worker that died of it
+    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.signals`)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def rank_and_world_size(trainer) -> dict:
+    """`rank` and `world_size` for `resumable_loader` from a DataModule's trainer (none: one process)."""
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer is not None else {}
+
+
+class PrefetchAwareLoader(StatefulDataLoader):
+    """A StatefulDataLoader for streams (no length) whose saved position is the one the model has reached.
+
+    Lightning fetches one batch ahead from a loader without a length (to know whether the batch in hand is
+    the last one) and saves the loader's state at checkpoint time, after that prefetch: a plain
+    StatefulDataLoader would resume one batch late, skipping a batch. This loader reports the state as of
+    the batch before the last one it handed out. The exact-resume test through Lightning guards this.
+    """
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        current = self._reported_state = super().state_dict()
+        for batch in iterator:
+            self._reported_state, current = current, super().state_dict()
+            yield batch
+
+    def state_dict(self) -> dict:
+        return getattr(self, "_reported_state", None) or super().state_dict()

@@ -1,0 +1,190 @@
+"""Turning seeds (and prompts or class labels) into images, the same way for every kind of model.
+
+One seed per image: image i depends on its own seed only, not on the batch it was drawn in or on how many
+images were asked for, so a settings file reproduces each picture.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from diffusion_lab.core import sample_images
+from diffusion_lab.core.schedulers import scheduler_from_name
+
+
+@dataclass
+class SampleSettings:
+    """How to sample, independent of what: the knobs both the `sample` command and callbacks expose."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 as stochastic as DDPM
+    guidance_scale: float = 7.5  # text models: classifier-free guidance
+    negative_prompt: str | None = None
+    height: int | None = None  # text (latent) models: output size in pixels; None = the UNet's native size
+    width: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Sampler(Protocol):
+    """What the sample command, the grids and the FID callback need of a model."""
+
+    kind: str  # "pixel" or "text"
+    num_classes: int | None  # class-conditional pixel models
+    denoiser: torch.nn.Module  # the network that predicts the noise
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Sampler": ...
+
+    def scheduler(self, settings: SampleSettings): ...
+
+    def generate(
+        self,
+        seeds: list[int],
+        settings: SampleSettings,
+        class_labels: list[int] | None = None,
+        prompts: list[str] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor: ...
+
+
+def seed_generators(seeds: list[int]) -> list[torch.Generator]:
+    # CPU generators: the same seed gives the same noise on a CPU and on any GPU (diffusers' advice).
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+class PixelSampler:
+    """An unconditional or class-conditional pixel-space UNet (UNet2DModel) with its training scheduler."""
+
+    kind = "pixel"
+
+    def __init__(self, net: torch.nn.Module, noise_scheduler) -> None:
+        self.net, self.noise_scheduler = net, noise_scheduler
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.net
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.net.config.num_class_embeds
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PixelSampler":
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    def scheduler(self, settings: SampleSettings):
+        return scheduler_from_name(settings.scheduler, self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: list[int],
+        settings: SampleSettings,
+        class_labels: list[int] | None = None,
+        prompts: list[str] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """(len(seeds), C, H, W) in [-1, 1]."""
+        if prompts:
+            raise ValueError("this is an unconditional pixel model: it takes no prompt")
+        if class_labels is not None and not self.num_classes:
+            raise ValueError("this pixel model is not class-conditional: it takes no class label")
+        config = self.net.config
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            images = sample_images(
+                self.net,
+                self.scheduler(settings),
+                len(seeds),
+                (config.in_channels, config.sample_size, config.sample_size),
+                num_inference_steps=settings.steps,
+                generator=seed_generators(seeds),
+                eta=settings.eta,
+                class_labels=None if class_labels is None else torch.tensor(class_labels),
+                device=self.device,
+                dtype=next(self.net.parameters()).dtype,
+                progress=progress,
+            )
+        finally:
+            self.net.train(was_training)
+        return images.float().clamp(-1, 1)
+
+
+class TextToImageSampler:
+    """Any diffusers text-to-image pipeline (Stable Diffusion and relatives): prompts, guidance, negatives."""
+
+    kind = "text"
+    num_classes = None
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.training_scheduler_config = pipeline.scheduler.config
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextToImageSampler":
+        if dtype is None or dtype == self.pipeline.unet.dtype:
+            self.pipeline.to(device)
+        else:
+            self.pipeline.to(device, dtype)
+        return self
+
+    def scheduler(self, settings: SampleSettings):
+        return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: list[int],
+        settings: SampleSettings,
+        class_labels: list[int] | None = None,
+        prompts: list[str] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """(len(seeds), C, H, W) in [-1, 1]; `prompts` gives one prompt per seed."""
+        if class_labels is not None:
+            raise ValueError("text-to-image models are conditioned on prompts, not class labels")
+        if not prompts or len(prompts) != len(seeds):
+            raise ValueError("a text-to-image model needs one prompt per image (prompt= or prompt_file=)")
+        pipeline = self.pipeline
+        pipeline.scheduler = self.scheduler(settings)
+        # Diffusers falls back to the native size for both sides when either is missing: fill one at a time.
+        native = pipeline.unet.config.sample_size
+        native_height, native_width = (native, native) if isinstance(native, int) else native
+        height = settings.height or native_height * pipeline.vae_scale_factor
+        width = settings.width or native_width * pipeline.vae_scale_factor
+        pipeline.set_progress_bar_config(disable=not progress, leave=False)
+        unet = pipeline.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            images = pipeline(
+                prompt=list(prompts),
+                negative_prompt=[settings.negative_prompt] * len(prompts)
+                if settings.negative_prompt
+                else None,
+                guidance_scale=settings.guidance_scale,
+                num_inference_steps=settings.steps,
+                eta=settings.eta,
+                height=height,
+                width=width,
+                generator=seed_generators(seeds),
+                output_type="pt",
+            ).images
+        finally:
+            unet.train(was_training)
+        return images.float() * 2 - 1

@@ -1,0 +1,81 @@
+"""What `ckpt_path=` resumes from, checked against this run before any training starts."""
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.config_checks import ConfigError
+
+log = logging.getLogger(__name__)
+RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each checkpoint
+
+
+def resolve_checkpoint(
+    ckpt_path: str | None, checkpoint_dir: str | Path | None, root_dir: str | Path
+) -> Path | None:
+    """A file; or `last`: this run folder's newest of `last.ckpt` and SLURM's `hpc_ckpt_*.ckpt` (None, said in one
+    line, when there is none yet); or, with no `ckpt_path`, a SLURM requeue's `hpc_ckpt_*.ckpt` if there is one."""
+    hpc = list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))  # written only by Lightning's SLURM requeue (USR1)
+    if not ckpt_path:
+        # A requeued SLURM job reruns its command unchanged: Lightning restores its hpc checkpoint by itself.
+        return max(hpc, key=lambda path: path.stat().st_mtime) if hpc else None
+    if ckpt_path != "last":
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return path
+    candidates = hpc
+    if checkpoint_dir is not None:
+        candidates += [Path(checkpoint_dir) / "last.ckpt"]
+    candidates = [path for path in candidates if path.is_file()]
+    if not candidates:
+        log.warning(
+            "ckpt_path=last: no checkpoint in %s yet; starting from step 0", checkpoint_dir or root_dir
+        )
+        return None
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def config_differences(before: dict, now: dict, prefix: str) -> list[str]:
+    """`key: old in the checkpoint, new now` for every leaf that differs between two config trees."""
+    old, new = _flat(before, prefix), _flat(now, prefix)
+    return [
+        f"{key}: {old.get(key, '(absent)')!r} in the checkpoint, {new.get(key, '(absent)')!r} now"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig) -> int:
+    """Raise `ConfigError` naming the config keys that differ when the checkpoint's tensors do not fit `model`
+    (instead of Lightning's hundreds of `size mismatch` lines); returns the checkpoint's step."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    saved, current = checkpoint.get("state_dict", {}), model.state_dict()
+    misfits = [key for key in saved if key not in current or saved[key].shape != current[key].shape]
+    if misfits:
+        example = misfits[0]
+        shapes = (
+            f"{tuple(saved[example].shape)} in the checkpoint, {tuple(current[example].shape)} now"
+            if example in current
+            else "absent from this model"
+        )
+        recorded = checkpoint.get(RUN_CONFIG)
+        if recorded is None:
+            keys = "the checkpoint records no config to compare with"
+        else:
+            now = OmegaConf.to_container(cfg.model, resolve=True)
+            differences = config_differences(recorded.get("model", {}), now, "model.")
+            keys = "; ".join(differences) or "no model.* key differs (a different code version?)"
+        raise ConfigError(
+            f"ckpt_path={path} does not fit this model: {len(misfits)} tensors differ "
+            f"(e.g. {example}: {shapes}). Config keys that differ: {keys}"
+        )
+    return int(checkpoint.get("global_step", 0))

@@ -1,0 +1,188 @@
+"""A randomly initialised Stable Diffusion folder in the standard layout, small enough for a CPU.
+
+Tests, CI and CPU users fine-tune it through exactly the `from_pretrained(path, subfolder=...)` path the
+real checkpoint takes; nothing is downloaded. The CLIP tokenizer's vocabulary is written here: the
+byte-level alphabet (so any text tokenizes) plus whole-word merges for the words of the bundled prompts.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffusion_lab.atomic import write_folder
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "handwritten",
+    "digit",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "number",
+    "flower",
+    "type",
+    "picture",
+    "painting",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "black",
+]
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: every byte gets a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def write_tiny_clip_tokenizer(directory: Path) -> CLIPTokenizer:
+    """vocab.json + merges.txt for a CLIP BPE tokenizer over the byte alphabet and WORDS."""
+    alphabet = _byte_alphabet()
+    vocab_tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
+    merges = []
+    for word in WORDS:  # merge left to right: "p h o t o</w>" -> "ph" -> "pho" -> ... -> "photo</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab_tokens.append(pieces[0])
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {}
+    for token in vocab_tokens:
+        vocab.setdefault(token, len(vocab))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    unique_merges = list(dict.fromkeys(merges))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(unique_merges) + "\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+
+
+def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """Write `unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json` to `out_dir` (atomically).
+
+    `sample_size` is the image size in pixels; the VAE downsamples by 2, so latents are sample_size / 2.
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[16, 32],
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    # Stable Diffusion 1.x's training schedule.
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        clip_sample=False, prediction_type="epsilon", steps_offset=1,
+    )  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    return write_folder(out_dir, pipeline.save_pretrained)
+
+
+def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random CLIP (vision + text towers, processor) saved like a hub CLIP: the offline stand-in for
+    `openai/clip-vit-large-patch14` in CLIP-score tests, loaded by the same `from_pretrained` calls."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary))
+    tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **tower),
+        vision_config=dict(image_size=image_size, patch_size=8, **tower),
+        projection_dim=32,
+    )  # fmt: skip
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    model, processor = CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return write_folder(out_dir, save)
+
+
+def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> str:
+    """The tiny CLIP folder, built first if it is not there yet (configs use it as `clip_model`)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.safetensors").exists():
+        build_tiny_clip(out_dir, image_size=image_size, seed=seed)
+    return str(out_dir)
+
+
+def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
+    """The folder, built first if it is not there yet (configs use it as `pretrained`)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model_index.json").exists():
+        try:
+            build_tiny_sd(out_dir, sample_size=sample_size, seed=seed)
+        except OSError:  # another process (a DDP rank) renamed its copy into place first
+            if not (out_dir / "model_index.json").exists():
+                raise
+    return str(out_dir)

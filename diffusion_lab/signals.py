@@ -23,6 +23,9 @@ class RunInterrupted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
 
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
 
 def requested_stop() -> int | None:
     """The signal that asked this process to stop, if one did."""

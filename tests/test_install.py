@@ -1,5 +1,6 @@
 """The package as a user installs it: a wheel in a fresh virtualenv, run from an unrelated folder."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,6 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_wheel_in_a_fresh_virtualenv_trains_from_an_unrelated_folder(tmp_path):
+    # Built from a copy: setuptools leaves build/ behind, and a stale build/ would leak into later wheels.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "*.egg-info", "__pycache__", "outputs", "multirun", "lightning_logs"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -22,7 +32,7 @@ def test_a_wheel_in_a_fresh_virtualenv_trains_from_an_unrelated_folder(tmp_path)
             "-q",
             "-w",
             tmp_path / "dist",
-            ROOT,
+            source,
         ],
         check=True,
         capture_output=True,

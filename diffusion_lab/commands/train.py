@@ -79,12 +79,10 @@ def train(cfg: DictConfig) -> float | None:
     return None if metric is None or not math.isfinite(float(metric)) else float(metric)
 
 
-def _last_checkpoint(trainer: L.Trainer) -> str:
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
     checkpoint = trainer.checkpoint_callback
     path = checkpoint.last_path if isinstance(checkpoint, RunCheckpoint) else None
-    if path is None or not path.exists():
-        return "none (no checkpoint was written)"
-    return str(path)
+    return str(path) if path is not None and path.exists() else None
 
 
 def stop_diverged(trainer: L.Trainer, error: Exception) -> None:
@@ -96,7 +94,7 @@ def stop_diverged(trainer: L.Trainer, error: Exception) -> None:
         "diverged: %s. Nothing after that was checkpointed or exported. Last good checkpoint: %s. "
         "Try a lower model.lr, or guard.nonfinite=skip",
         error,
-        _last_checkpoint(trainer),
+        _last_checkpoint(trainer) or "none (no checkpoint was written)",
     )
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return None  # the sweep goes on; Optuna records a failed trial
@@ -117,7 +115,7 @@ def stop_interrupted(trainer: L.Trainer, output_dir: Path, error: SystemExit) ->
     log.warning(
         "interrupted at step %d; last.ckpt: %s. Resume with:\n  %s",
         trainer.global_step,
-        _last_checkpoint(trainer),
+        _last_checkpoint(trainer) or "none",
         resume_command(output_dir),
     )
     raise SystemExit(code)

@@ -1,1 +1,0 @@
-"""diffusion_lab: Lightning + Hydra training of diffusion models on diffusers components."""

@@ -1,1 +1,0 @@
-"""Measurement helpers for `diffusion-lab bench`: timing, FLOP counting, baselines."""

@@ -1,1 +1,0 @@
-"""Thin Hydra apps: compose config, instantiate, call library code."""

@@ -13,13 +13,17 @@ import errno
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# .<name>.tmp-<pid>: hidden, tied to its writer, never mistaken for a `*.ckpt` or `*.png`.
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
-# .<name>.old.tmp-<pid>: a folder being replaced, set aside for the instant between two renames.
-_SET_ASIDE = re.compile(r"^\.(.+)\.old\.tmp-\d+$")
+# .<name>.tmp-<host>-<pid>: hidden, tied to its writer (a pid means something on its own host only: caches
+# are shared over NFS by jobs on several nodes), never mistaken for a `*.ckpt` or `*.png`.
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+_TEMPORARY = re.compile(r"^\..+\.tmp-(.+)-(\d+)$")
+# .<name>.old.tmp-<host>-<pid>: a folder being replaced, set aside for the instant between two renames.
+_SET_ASIDE = re.compile(r"^\.(.+)\.old\.tmp-.+-\d+$")
+_swept: set[Path] = set()  # folders this process has cleaned already (a sample folder gets 10,000 writes)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -28,7 +32,7 @@ class DiskFull(OSError):
 
 
 def _temporary_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
 def _alive(pid: int) -> bool:
@@ -56,7 +60,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         for entry in Path(folder).iterdir():
             match = _TEMPORARY.match(entry.name)
-            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            if not match or match.group(1) != _HOST:
+                continue
+            pid = int(match.group(2))
+            if pid != os.getpid() and not _alive(pid):
                 set_aside = _SET_ASIDE.match(entry.name)
                 if set_aside and not (entry.parent / set_aside.group(1)).exists():
                     os.replace(entry, entry.parent / set_aside.group(1))  # killed between the two renames
@@ -124,7 +131,9 @@ def staged(path: str | Path, folder: bool = False) -> Iterator[Path]:
     exception) the temporary is removed and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
+    if path.parent not in _swept:
+        remove_stale_temporaries(path.parent)
+        _swept.add(path.parent)
     temporary = _temporary_for(path)
     _remove(temporary)
     if folder:
@@ -134,7 +143,7 @@ def staged(path: str | Path, folder: bool = False) -> Iterator[Path]:
         _share(temporary)
         _fsync(temporary)
         if folder and path.exists():
-            previous = path.with_name(f".{path.name}.old.tmp-{os.getpid()}")
+            previous = path.with_name(f".{path.name}.old.tmp-{_HOST}-{os.getpid()}")
             os.replace(path, previous)
             os.replace(temporary, path)
             _remove(previous)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 
-from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.overrides import admit_library_arguments, explain_bad_overrides
 from diffusion_lab.resolvers import register_resolvers
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None):
     try:
         return app()
     except SystemExit as exit_:
-        if exit_.code:
+        if exit_.code == 1:  # Hydra's own refusal of the command line (ours are 2, 3, 130, 143)
             hint = explain_bad_overrides(CONFIG_DIR, config_name, overrides)
             if hint:
                 print(hint, file=sys.stderr)

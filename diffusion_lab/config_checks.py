@@ -12,13 +12,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion_lab.errors import ConfigError
+
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 # Keys whose value must be above zero, wherever the config puts them.
 POSITIVE = ("data.batch_size", "latent_cache.batch_size", "model.lr")
-
-
-class ConfigError(ValueError):
-    """A config value a run cannot start with. The command line shows it as one line, no traceback."""
 
 
 def target_parameters(target: str) -> dict[str, inspect.Parameter] | None:

@@ -1,58 +1,62 @@
 """Loggers that keep a run's history when it resumes in its own folder.
 
-A resumed run replays the steps after its checkpoint. Each logger here is told that step before training
-starts (`resume_from`) and drops, or hides, what it had recorded after it, so every step appears once.
-Lightning's CSVLogger instead deletes `metrics.csv` when the folder is not empty.
+A resumed run replays the steps after its checkpoint. Each logger here (and each callback with a table of its
+own) is told that step before training starts (`resume_from`) and drops, or hides, what it had recorded for
+the steps that will be logged again, so every step appears once. Lightning's CSVLogger instead deletes
+`metrics.csv` whenever the folder is not empty.
+
+Lightning labels the row of optimizer step N with `step = N - 1` (validation after step N too): resuming
+from a checkpoint at step G keeps the rows labelled below G.
 """
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from diffusion_lab.atomic import write_text
 
 
+def keep_csv_rows(path: Path, keep: Callable[[float], bool]) -> int:
+    """Rewrite the CSV table at `path` with only the rows whose `step` passes `keep`; returns how many went."""
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns, rows = reader.fieldnames or [], list(reader)
+    kept = [row for row in rows if row.get("step") in (None, "") or keep(float(row["step"]))]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text(path, text.getvalue())
+    return len(rows) - len(kept)
+
+
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, appending to an existing `metrics.csv` (its columns included) instead of deleting it."""
+    """Lightning's CSV writer, appending to an existing `metrics.csv` (its columns included)."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
-        self.metrics_keys = self._header()
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
 
-    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the file; a resume keeps it
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv; `resume_from` decides instead
         pass
-
-    def _header(self) -> list[str]:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return []
-        with path.open(newline="") as handle:
-            return next(csv.reader(handle), [])
-
-    def drop_rows_after(self, step: int) -> int:
-        """Remove the rows logged after `step` (they will be logged again); returns how many."""
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return 0
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        kept = [row for row in rows if row.get("step") in (None, "") or float(row["step"]) <= step]
-        if len(kept) < len(rows):
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(kept)
-            write_text(path, text.getvalue())
-        return len(rows) - len(kept)
 
 
 class ResumableCSVLogger(CSVLogger):
     """CSVLogger whose `metrics.csv` survives a resume: earlier rows kept, replayed steps not duplicated."""
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> _AppendingWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
@@ -60,19 +64,22 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
     def resume_from(self, step: int) -> None:
-        self.experiment.drop_rows_after(step)
+        keep_csv_rows(
+            Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, lambda row_step: row_step < step
+        )
 
 
 class ResumableTensorBoardLogger(TensorBoardLogger):
     """TensorBoardLogger that hides the events a resumed run replays (SummaryWriter's `purge_step`)."""
 
     def resume_from(self, step: int) -> None:
-        if self._experiment is None:
-            self._kwargs["purge_step"] = step + 1
+        if self._experiment is None and step > 0:
+            self._kwargs["purge_step"] = step
 
 
-def resume_logs(loggers: list, step: int) -> None:
-    """Before a run resumes from `step`: each logger that can drops what it recorded after that step."""
-    for logger in loggers:
-        if callable(getattr(logger, "resume_from", None)):
-            logger.resume_from(step)
+def resume_logs(recorders: list, step: int) -> None:
+    """Before a run starts from `step` (0: a fresh run): each logger or callback that keeps a table drops
+    what it recorded for the steps that will be logged again."""
+    for recorder in recorders:
+        if callable(getattr(recorder, "resume_from", None)):
+            recorder.resume_from(step)

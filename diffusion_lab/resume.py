@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each checkpoint
@@ -60,13 +60,15 @@ def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     saved, current = checkpoint.get("state_dict", {}), model.state_dict()
     misfits = [key for key in saved if key not in current or saved[key].shape != current[key].shape]
+    # Keys only this model has count for its trained network (slim checkpoints leave the frozen parts out).
+    trained = next((f"{name}." for name, child in model.named_children() if child is model.denoiser), None)
+    misfits += [key for key in current if key not in saved and trained and key.startswith(trained)]
     if misfits:
         example = misfits[0]
-        shapes = (
-            f"{tuple(saved[example].shape)} in the checkpoint, {tuple(current[example].shape)} now"
-            if example in current
-            else "absent from this model"
-        )
+        if example in current and example in saved:
+            shapes = f"{tuple(saved[example].shape)} in the checkpoint, {tuple(current[example].shape)} now"
+        else:
+            shapes = "absent from this model" if example in saved else "absent from the checkpoint"
         recorded = checkpoint.get(RUN_CONFIG)
         if recorded is None:
             keys = "the checkpoint records no config to compare with"

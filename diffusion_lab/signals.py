@@ -43,15 +43,19 @@ def _note(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM set `requested_stop()` instead of killing the process."""
+def stop_on_signals() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM set `requested_stop()` instead of killing the process. Yields the
+    list of signals received, still readable after the block."""
     _received.clear()
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
-        yield
+        yield received
         return
     previous = {signum: signal.signal(signum, _note) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        received += _received
+        _received.clear()  # the request was for this block (the next job of a multirun starts afresh)

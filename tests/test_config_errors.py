@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from diffusion_lab.cli import main
-from diffusion_lab.config_checks import ConfigError
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.resume import resolve_checkpoint
 from tests import builders
 

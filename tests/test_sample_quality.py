@@ -30,11 +30,18 @@ def _last_json(stdout: str) -> dict:
 def scored_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("scored")
     result = cli(
-        "train", "debug=fast", f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir / 'cache'}",
-        "callbacks=[default,sample_quality]", OFFLINE_EXTRACTOR, "callbacks.sample_quality.every_n_steps=3",
-        "callbacks.sample_quality.num_samples=24", "callbacks.sample_quality.num_inference_steps=3",
-        "callbacks.sample_quality.batch_size=12", "callbacks.sample_quality.kid_subset_size=12",
-    )  # fmt: skip
+        "train",
+        "debug=fast",
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={run_dir / 'cache'}",
+        "callbacks=[default,sample_quality]",
+        OFFLINE_EXTRACTOR,
+        "callbacks.sample_quality.every_n_steps=3",
+        "callbacks.sample_quality.num_samples=24",
+        "callbacks.sample_quality.num_inference_steps=3",
+        "callbacks.sample_quality.batch_size=12",
+        "callbacks.sample_quality.kid_subset_size=12",
+    )
     return run_dir, result.stdout
 
 
@@ -70,9 +77,13 @@ def samples(scored_run, tmp_path_factory):
 def test_eval_of_a_sample_folder_prints_one_json_line_and_reuses_the_reference_cache(scored_run, samples):
     run_dir, _ = scored_run
     result = cli(
-        "eval", f"images={samples}", "data=digits", "feature_extractor=random_conv", "kid_subset_size=12",
+        "eval",
+        f"images={samples}",
+        "data=digits",
+        "feature_extractor=random_conv",
+        "kid_subset_size=12",
         f"paths.cache_dir={run_dir / 'cache'}",
-    )  # fmt: skip
+    )
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
     scores = json.loads(lines[0])
@@ -95,9 +106,13 @@ def _evaluate(*overrides: str) -> dict:
 
 def test_eval_against_the_same_folder_is_zero(samples, tmp_path):
     scores = _evaluate(
-        f"images={samples}", f"reference={samples}", "feature_extractor=random_conv", "kid_subset_size=8",
-        f"paths.cache_dir={tmp_path / 'cache'}", "fid_protocol=clean",
-    )  # fmt: skip
+        f"images={samples}",
+        f"reference={samples}",
+        "feature_extractor=random_conv",
+        "kid_subset_size=8",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "fid_protocol=clean",
+    )
     assert abs(scores["fid"]) < 1e-6 and abs(scores["kid_mean"]) < 0.01
     assert scores["fid_protocol"] == "clean" and scores["num_reference"] == 12
 
@@ -134,9 +149,16 @@ def test_callback_scores_a_text_model_with_clip_score_from_captions(tiny_sd, tmp
     )
     model = LatentDiffusion(pretrained=str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3)
     quality = SampleQuality(
-        RandomConvFeatures(input_size=32), every_n_steps=0, num_samples=4, batch_size=4, num_inference_steps=2,
-        guidance_scale=3.0, kid_subset_size=4, clip_model=str(clip), cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        RandomConvFeatures(input_size=32),
+        every_n_steps=0,
+        num_samples=4,
+        batch_size=4,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        kid_subset_size=4,
+        clip_model=str(clip),
+        cache_dir=str(tmp_path / "cache"),
+    )
     bare_trainer(2, callbacks=[EMA(decay=0.5, target="unet"), quality]).fit(model, datamodule=data)
     scores = quality.last_scores
     assert scores["step"] == 2 and scores["num_samples"] == 4 and scores["clip_score"] >= 0
@@ -146,10 +168,18 @@ def test_callback_scores_a_text_model_with_clip_score_from_captions(tiny_sd, tmp
 def test_eval_samples_a_text_model_and_adds_clip_score(tiny_sd, tmp_path):
     clip = build_tiny_clip(tmp_path / "clip")
     scores = _evaluate(
-        f"pretrained={tiny_sd}", "data=digits", "data.image_size=32", "data.channels=3",
-        "data.caption_template='a handwritten digit {label}'", "feature_extractor=random_conv", "num_samples=6",
-        "sampling.steps=2", "kid_subset_size=6", f"clip_model={clip}", f"paths.cache_dir={tmp_path / 'cache'}",
-    )  # fmt: skip
+        f"pretrained={tiny_sd}",
+        "data=digits",
+        "data.image_size=32",
+        "data.channels=3",
+        "data.caption_template='a handwritten digit {label}'",
+        "feature_extractor=random_conv",
+        "num_samples=6",
+        "sampling.steps=2",
+        "kid_subset_size=6",
+        f"clip_model={clip}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     assert {"fid", "kid_mean", "kid_std", "inception_score", "clip_score"} <= scores.keys()
     assert scores["num_samples"] == 6 and scores["num_reference"] == 180
 
@@ -178,10 +208,15 @@ def _evaluate_inception(folders, weights, cache_dir, protocol: str) -> tuple[dic
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         scores = _evaluate(
-            f"images={generated}", f"reference={reference}", "feature_extractor=inception",
-            f"feature_extractor.weights_path={weights}", f"kid_subset_size={FOLDER_SIZE}", f"cache_dir={cache_dir}",
-            f"fid_protocol={protocol}", "device=cpu",
-        )  # fmt: skip
+            f"images={generated}",
+            f"reference={reference}",
+            "feature_extractor=inception",
+            f"feature_extractor.weights_path={weights}",
+            f"kid_subset_size={FOLDER_SIZE}",
+            f"cache_dir={cache_dir}",
+            f"fid_protocol={protocol}",
+            "device=cpu",
+        )
     return scores, stdout.getvalue()
 
 
@@ -212,10 +247,17 @@ def test_eval_legacy_fid_and_kid_match_torch_fidelity_on_the_same_network_and_im
     reference, generated = image_folders
     ours, _ = inception_legacy_eval
     theirs = torch_fidelity.calculate_metrics(
-        input1=str(generated), input2=str(reference), cuda=False, fid=True, kid=True,
-        kid_subset_size=FOLDER_SIZE, feature_extractor_weights_path=str(inception_weights), cache=False,
-        save_cpu_ram=True, verbose=False,
-    )  # fmt: skip
+        input1=str(generated),
+        input2=str(reference),
+        cuda=False,
+        fid=True,
+        kid=True,
+        kid_subset_size=FOLDER_SIZE,
+        feature_extractor_weights_path=str(inception_weights),
+        cache=False,
+        save_cpu_ram=True,
+        verbose=False,
+    )
     # Subsets of the whole set are the whole set: KID's random draws agree too.
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
     assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
@@ -225,12 +267,16 @@ def test_callback_scores_with_the_inception_network_of_the_composed_config(
     compose_config, inception_weights, tmp_path
 ):
     cfg = compose_config(
-        *TINY, "callbacks=[default,sample_quality]", "data.val_fraction=0.005",
+        *TINY,
+        "callbacks=[default,sample_quality]",
+        "data.val_fraction=0.005",
         f"callbacks.sample_quality.feature_extractor.weights_path={inception_weights}",
-        "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=4",
-        "callbacks.sample_quality.batch_size=4", "callbacks.sample_quality.num_inference_steps=2",
+        "callbacks.sample_quality.every_n_steps=0",
+        "callbacks.sample_quality.num_samples=4",
+        "callbacks.sample_quality.batch_size=4",
+        "callbacks.sample_quality.num_inference_steps=2",
         "callbacks.sample_quality.kid_subset_size=4",
-    )  # fmt: skip
+    )
     quality = instantiate(cfg.callbacks.sample_quality)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     bare_trainer(2, callbacks=[quality]).fit(model, datamodule=data)
@@ -249,9 +295,14 @@ def test_callback_returns_gpu_memory_after_each_evaluation(compose_config, tmp_p
     cfg = compose_config(*TINY, "trainer.accelerator=gpu")
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     quality = SampleQuality(
-        RandomConvFeatures(input_size=16), every_n_steps=2, num_samples=64, batch_size=32,
-        num_inference_steps=2, kid_subset_size=32, cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        RandomConvFeatures(input_size=16),
+        every_n_steps=2,
+        num_samples=64,
+        batch_size=32,
+        num_inference_steps=2,
+        kid_subset_size=32,
+        cache_dir=str(tmp_path / "cache"),
+    )
     trainer = bare_trainer(2, accelerator="gpu", devices=1, callbacks=[quality])
     trainer.fit(model, datamodule=data)
     after_first = torch.cuda.memory_allocated()

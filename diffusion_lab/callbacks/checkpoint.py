@@ -1,11 +1,13 @@
 """When a run checkpoints: every N steps (Lightning's ModelCheckpoint), at the last step, and when asked to stop."""
 
+import signal
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from diffusion_lab.callbacks.final_metrics import log_train_metrics
 from diffusion_lab.signals import RunInterrupted, requested_stop
 
 
@@ -21,9 +23,7 @@ class RunCheckpoint(ModelCheckpoint):
     good state.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._step_at_last_batch = -1
+    _step_at_last_batch = -1  # (no __init__ of its own: ModelCheckpoint's arguments stay the config's keys)
 
     def save_now(self, trainer: L.Trainer) -> None:
         """The current step as `<filename>.ckpt` and `last.ckpt`, unless this step is saved already."""
@@ -44,7 +44,9 @@ class RunCheckpoint(ModelCheckpoint):
         # Every rank takes the same decision at the same step (DDP: a signal may reach rank 0 first).
         if stepped and trainer.strategy.reduce_boolean_decision(requested_stop() is not None, all=False):
             self.save_now(trainer)
-            raise RunInterrupted(requested_stop() or 15)
+            if trainer.global_step % trainer.log_every_n_steps == 0:
+                log_train_metrics(trainer)  # Lightning would have, after this hook: keep the row
+            raise RunInterrupted(requested_stop() or signal.SIGTERM)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

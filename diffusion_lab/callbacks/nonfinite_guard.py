@@ -65,7 +65,8 @@ class NonFiniteGuard(L.Callback):
             finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(gradients, foreach=True)).to(
                 finite.device
             )
-        if bool(finite):  # one host sync per optimizer step
+        # One host sync per optimizer step; every rank takes the same decision (FSDP ranks see only their shard).
+        if trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
             self.consecutive = 0
             return
         step, loss = trainer.global_step + 1, float(self._loss) if self._loss is not None else float("nan")

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.core.schedulers import check_scheduler_name
 from diffusion_lab.generation import SampleSettings, sampler_for_module
+from diffusion_lab.loggers import keep_csv_rows
 from diffusion_lab.metrics.evaluation import evaluation_plan, score_sampler
 from diffusion_lab.metrics.extractors import describe_extractor
 from diffusion_lab.metrics.features import ImageFeatures, cached_features, extract_features
@@ -144,6 +145,11 @@ class SampleQuality(L.Callback):
                     writer.writeheader()
                 writer.writerow({"step": step, **scores})
         log.info("step %d: %s", step, describe_scores(scores))
+
+    def resume_from(self, step: int) -> None:
+        """Its table's rows are labelled with the optimizer step they scored: those after `step` come again."""
+        if self.csv_path is not None:
+            keep_csv_rows(self.csv_path, lambda row_step: row_step <= step)
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

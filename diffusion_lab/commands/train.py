@@ -4,12 +4,14 @@ import json
 import logging
 import math
 import shlex
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.atomic import write_text
@@ -28,7 +30,7 @@ from diffusion_lab.finite import NonFiniteWeights
 from diffusion_lab.loggers import resume_logs
 from diffusion_lab.performance import effective_batch_size
 from diffusion_lab.resume import check_same_architecture, resolve_checkpoint
-from diffusion_lab.signals import stop_on_signals
+from diffusion_lab.signals import RunInterrupted, stop_on_signals
 from diffusion_lab.sweep_summary import RUN_SUMMARY
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,14 @@ def train(cfg: DictConfig) -> float | None:
         write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         if resume:
             log.info("resuming from %s (step %d)", resume, resume_step)
-            resume_logs(trainer.loggers, resume_step)
+        # The rows of steps this run will log (again): all of them for a fresh run in a reused folder.
+        resume_logs([*trainer.loggers, *trainer.callbacks], resume_step)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     started = time.perf_counter()
     status, ending = "failed", None
     try:
-        with stop_on_signals():
+        with stop_on_signals() as signals:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         status = "finished"
     except (Diverged, NonFiniteWeights) as error:
@@ -72,7 +75,7 @@ def train(cfg: DictConfig) -> float | None:
     if status == "diverged":
         return stop_diverged(trainer, ending)
     if status == "interrupted":
-        stop_interrupted(trainer, output_dir, ending)
+        stop_interrupted(trainer, output_dir, ending, signals[0] if signals else None)
     if trainer.is_global_zero:
         print(summary(trainer, output_dir))
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
@@ -110,8 +113,14 @@ def resume_command(output_dir: Path) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def stop_interrupted(trainer: L.Trainer, output_dir: Path, error: SystemExit) -> None:
-    code = error.code if isinstance(error.code, int) and error.code >= 128 else 130
+def stop_interrupted(trainer: L.Trainer, output_dir: Path, error: SystemExit, signum: int | None) -> None:
+    """Exit as a shell reports the signal: 128 + its number (Lightning's SIGTERMException carries no code)."""
+    if isinstance(error, RunInterrupted):
+        code = error.code
+    elif signum is not None:
+        code = 128 + signum
+    else:
+        code = 128 + (signal.SIGTERM if isinstance(error, SIGTERMException) else signal.SIGINT)
     log.warning(
         "interrupted at step %d; last.ckpt: %s. Resume with:\n  %s",
         trainer.global_step,

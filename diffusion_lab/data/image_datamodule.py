@@ -6,13 +6,13 @@ import logging
 import datasets
 import lightning as L
 
-from diffusion_lab.config_checks import ConfigError
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
 from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import image_transform, to_signed_unit
+from diffusion_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

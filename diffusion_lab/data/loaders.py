@@ -1,7 +1,9 @@
 """DataLoaders whose position goes into the Lightning checkpoint."""
 
+import os
 import signal
 
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -42,6 +44,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     would fail the next batch before the trainer could stop cleanly (`diffusion_lab.signals`)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning installs when no worker_init_fn is given
+        pl_worker_init_function(worker_id)
 
 
 def rank_and_world_size(trainer) -> dict:

@@ -334,3 +334,20 @@ def test_slurm_usr1_saves_an_hpc_checkpoint_that_the_requeued_job_resumes(tmp_pa
     assert requeued.returncode == 0, requeued.stderr[-2000:]
     assert f"resuming from {hpc} (step 2)" in (run_dir / "train.log").read_text()
     assert summary_of(run_dir)["status"] == "finished"
+
+
+def test_a_fatal_error_is_in_train_log_with_its_traceback(tmp_path):
+    from diffusion_lab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "train",
+                "data=imagefolder",
+                f"data.path={tmp_path / 'no_such_folder'}",
+                f"hydra.run.dir={tmp_path}",
+            ]
+        )
+    assert exit_.value.code == 1
+    log = (tmp_path / "train.log").read_text()
+    assert "fatal:" in log and "Traceback (most recent call last)" in log and "no_such_folder" in log

@@ -1,8 +1,10 @@
 """Every config composes; every experiment builds its model."""
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.cli import CONFIG_DIR
@@ -45,6 +47,38 @@ def test_flowers_recipe_has_the_seed_hyperparameters(compose_config):
     assert cfg.data.path == "nelorth/oxford-flowers" and cfg.model.noise_scheduler.num_train_timesteps == 1000
 
 
+def test_flowers_recipe_trains_what_denoising_diffusion_pytorch_2_3_4_trains(compose_config):
+    """Objective, schedule, loss weight, Adam betas and EMA cadence against the package itself."""
+    import inspect
+
+    from denoising_diffusion_pytorch import GaussianDiffusion, Trainer, Unet
+
+    from diffusion_lab.core.noise_process import min_snr_weights, snr
+
+    reference = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2)), image_size=8, timesteps=1000)
+    defaults = {name: p.default for name, p in inspect.signature(Trainer).parameters.items()}
+    cfg = compose_config("experiment=ddpm_flowers_128", "model/net=unet_tiny")
+    model = instantiate(cfg.model)
+    scheduler = model.noise_scheduler
+    assert reference.objective == "pred_v" and scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(
+        scheduler.alphas_cumprod, reference.alphas_cumprod.float(), rtol=1e-4, atol=1e-7
+    )
+    steps = torch.arange(1000)
+    weights = min_snr_weights(snr(scheduler.alphas_cumprod, steps), model.hparams.snr_gamma, "v_prediction")
+    torch.testing.assert_close(weights, reference.loss_weight.float(), rtol=1e-3, atol=1e-6)
+    optimizer = model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert tuple(optimizer.param_groups[0]["betas"]) == defaults["adam_betas"]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0  # its optimizer is Adam
+    ema = instantiate(cfg.callbacks.ema)
+    assert (ema.update_every, ema.hyperparameters["decay"]) == (
+        defaults["ema_update_every"],
+        defaults["ema_decay"],
+    )
+    assert cfg.trainer.gradient_clip_val == defaults["max_grad_norm"]
+
+
 def test_butterflies_recipe_has_the_tutorial_unet(compose_config):
     cfg = compose_config("experiment=ddpm_butterflies_128")
     net = instantiate(cfg.model.net)
@@ -54,6 +88,24 @@ def test_butterflies_recipe_has_the_tutorial_unet(compose_config):
         and net.config.up_block_types[1] == "AttnUpBlock2D"
     )
     assert cfg.data.path == "huggan/smithsonian_butterflies_subset" and cfg.data.random_flip
+
+
+def test_butterflies_recipe_trains_as_the_tutorial(compose_config):
+    """The tutorial's DDPMScheduler(num_train_timesteps=1000) and torch.optim.AdamW(lr=1e-4) as they come."""
+    from diffusers import DDPMScheduler
+
+    cfg = compose_config("experiment=ddpm_butterflies_128", "model/net=unet_tiny")
+    model = instantiate(cfg.model)
+    tutorial = DDPMScheduler(num_train_timesteps=1000)
+    for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "clip_sample", "variance_type"):
+        assert model.noise_scheduler.config[key] == tutorial.config[key], key
+    optimizer = model.configure_optimizers()["optimizer"]
+    reference = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=1e-4).defaults
+    assert {k: optimizer.defaults[k] for k in ("lr", "betas", "weight_decay", "eps")} == {
+        k: reference[k] for k in ("lr", "betas", "weight_decay", "eps")
+    }
+    assert cfg.callbacks.ema is None  # no average (instantiate_each skips it)
+    assert cfg.trainer.max_steps == 50 * math.ceil(1000 / 16)  # 50 epochs of 1,000 images at batch 16
 
 
 @pytest.mark.parametrize("net", NETS)

@@ -1,5 +1,6 @@
 """EMA: averages only the trainable net, only on optimizer steps, and swaps back cleanly."""
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -46,9 +47,81 @@ def test_ema_follows_decay(compose_config):
 
 
 def test_an_ema_target_that_is_not_a_network_is_named(compose_config):
-    import pytest
 
     with pytest.raises(
         ValueError, match=r"callbacks.ema.target='unet' is not a network of the model; it has \['net'"
     ):
         _fit(compose_config, EMA(target="unet"))
+
+
+class _Module(torch.nn.Module):
+    """Just what the EMA callback reads of a LightningModule: the network and the device."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1, bias=False).to(dtype)
+        torch.nn.init.ones_(self.net.weight)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def _steps(ema: EMA, module: _Module, steps: int, weight=None) -> dict[int, float]:
+    """Drive the callback through `steps` optimizer steps; the decay used at each update, by step."""
+    from types import SimpleNamespace
+
+    ema.on_fit_start(None, module)
+    decays = {}
+    for step in range(1, steps + 1):
+        if weight is not None:
+            module.net.weight.data.fill_(weight(step))
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+        if step % ema.update_every == 0:
+            decays[step] = ema.ema.cur_decay_value
+    return decays
+
+
+def test_the_average_is_float32_and_follows_a_slow_drift_under_bf16():
+    """A bf16 weight drifting 1.0 -> 1.2 over 4,000 steps, decay 0.995: the average reaches it."""
+    from diffusers.training_utils import EMAModel
+
+    drift = lambda step: 1.0 + 0.2 * step / 4000  # noqa: E731
+    ema, module = EMA(decay=0.995), _Module(torch.bfloat16)
+    _steps(ema, module, 4000, drift)
+    assert ema.ema.shadow_params[0].dtype == torch.float32
+    assert ema.ema.shadow_params[0].item() == pytest.approx(1.19, abs=0.01)
+    # Negative control: diffusers' EMAModel as it comes, in the weights' bf16, never leaves 1.0.
+    parameter = torch.nn.Parameter(torch.ones(1, dtype=torch.bfloat16))
+    plain = EMAModel([parameter], decay=0.995)
+    for step in range(1, 4001):
+        parameter.data.fill_(drift(step))
+        plain.step([parameter])
+    assert plain.shadow_params[0].item() == 1.0
+
+
+def test_bf16_true_training_keeps_a_float32_average_that_moves(compose_config):
+    ema = EMA(decay=0.5)
+    cfg = compose_config(*TINY)
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    start = [p.detach().float().clone() for p in model.net.parameters()]
+    bare_trainer(3, callbacks=[ema], precision="bf16-true").fit(model, datamodule=data)
+    assert next(model.net.parameters()).dtype == torch.bfloat16
+    assert all(shadow.dtype == torch.float32 for shadow in ema.ema.shadow_params)
+    assert any(not torch.equal(s, b) for s, b in zip(ema.ema.shadow_params, start, strict=True))
+
+
+@pytest.mark.parametrize("update_every", [1, 10])
+def test_the_warm_up_counts_optimizer_steps_like_ema_pytorch(update_every):
+    """The flowers recipe's EMA (decay 0.995, power 2/3, 100 steps before averaging) against ema-pytorch's own
+    `get_current_decay`, the class denoising_diffusion_pytorch trains with."""
+    from ema_pytorch import EMA as ReferenceEMA
+
+    ema = EMA(decay=0.995, update_every=update_every, update_after_step=100, use_ema_warmup=True, power=2 / 3)
+    decays = _steps(ema, _Module(), 3000)
+    reference = ReferenceEMA(torch.nn.Linear(1, 1), beta=0.995, update_after_step=100, power=2 / 3)
+    for step, decay in decays.items():
+        reference.step.fill_(step)
+        assert decay == pytest.approx(reference.get_current_decay(), abs=1e-6), step
+    assert decays[3000] == pytest.approx(0.995)  # reached by step 2,900, as ema-pytorch does
+    assert max(s for s, d in decays.items() if d < 0.995) < 2930

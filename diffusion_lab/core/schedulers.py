@@ -1,6 +1,7 @@
 """Diffusers noise schedulers by the short names researchers use."""
 
 import diffusers
+import torch
 
 # name -> (diffusers class, config overrides that make the variant)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -33,3 +34,27 @@ def scheduler_from_name(name: str, training_config: dict, **overrides):
     # the same model must sample the same way from a checkpoint and from its exported pipeline.
     config = {key: value for key, value in dict(training_config).items() if key != "_use_default_values"}
     return getattr(diffusers, class_name).from_config(config, **{**variant, **overrides})
+
+
+def sigmoid_alpha_bar_betas(
+    num_train_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0
+) -> torch.Tensor:
+    """Betas whose alpha-bar follows a sigmoid (Jabri et al. 2022, arXiv:2212.11972, Fig. 8): the default
+    schedule of denoising_diffusion_pytorch 2.x (`sigmoid_beta_schedule`). Not diffusers' `sigmoid`, which is a
+    sigmoid in beta itself."""
+    t = torch.linspace(0, 1, num_train_timesteps + 1, dtype=torch.float64)
+    v_start, v_end = torch.tensor(start / tau).sigmoid(), torch.tensor(end / tau).sigmoid()
+    alpha_bar = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start)
+    alpha_bar = alpha_bar / alpha_bar[0]
+    return torch.clip(1 - alpha_bar[1:] / alpha_bar[:-1], 0, 0.999)
+
+
+def ddpm_sigmoid_alpha_bar(
+    num_train_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0, **config
+):
+    """A DDPMScheduler on `sigmoid_alpha_bar_betas` (stored as `trained_betas`, so the schedule travels with
+    checkpoints, samplers and exported pipelines)."""
+    betas = sigmoid_alpha_bar_betas(num_train_timesteps, start, end, tau)
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(), **config
+    )

@@ -121,7 +121,7 @@ def test_checkpoints_hold_the_unet_not_the_frozen_parts_and_export_from_them(fin
 
 
 def test_lora_trains_only_the_adapters_and_loads_into_a_diffusers_pipeline(tiny_sd, tmp_path):
-    model = _model(tiny_sd, lora_rank=4)
+    model = _model(tiny_sd, lora_rank=4, lora_alpha=16)  # scale 4: lost without the adapter metadata
     base = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora" not in k}
     lora_before = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora" in k}
     assert lora_before and all("lora" in n for n, p in model.unet.named_parameters() if p.requires_grad)
@@ -140,6 +140,28 @@ def test_lora_trains_only_the_adapters_and_loads_into_a_diffusers_pipeline(tiny_
     torch.testing.assert_close(_unet_output(pipeline.unet), trained_output, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base_output, trained_output)
     assert pipeline(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    assert not (tmp_path / "lora" / "scheduler").exists()  # trained on the base's own parametrisation
+
+
+def test_a_v_prediction_lora_reloads_with_its_v_prediction_scheduler(tiny_sd, tmp_path):
+    from diffusion_lab.generation import load_sampler
+
+    model = _model(tiny_sd, lora_rank=2, prediction_type="v_prediction")
+    model.save_pipeline(tmp_path / "lora")
+    sampler, details = load_sampler(str(tiny_sd), lora=str(tmp_path / "lora"))
+    assert sampler.training_scheduler_config.prediction_type == "v_prediction"
+    assert DiffusionPipeline.from_pretrained(tiny_sd).scheduler.config.prediction_type == "epsilon"
+
+
+def test_an_sd_export_samples_with_ddim_on_the_training_schedule_by_default(fine_tuned, tmp_path):
+    model, _, _ = fine_tuned
+    model.save_pipeline(tmp_path / "pipeline")
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(pipeline.scheduler, DDIMScheduler)
+    for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "clip_sample", "steps_offset"):
+        assert pipeline.scheduler.config[key] == model.noise_scheduler.config[key], key
+    images = pipeline(PROMPTS[0], num_inference_steps=3, output_type="np").images  # the default sampler
+    assert images.shape == (1, 32, 32, 3) and pipeline.scheduler.timesteps.numel() == 3
 
 
 def test_sdpa_and_eager_attention_compute_the_same_unet(tiny_sd):

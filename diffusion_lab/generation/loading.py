@@ -42,7 +42,13 @@ def _from_pipeline(
     source = "pipeline_folder" if Path(name_or_path).is_dir() else "hub"
     details = {"source": source, "pipeline_class": type(pipeline).__name__}
     if lora:
+        from diffusion_lab.models.lora import lora_scheduler  # peft: imported only when a LoRA is asked for
+
         pipeline.load_lora_weights(lora)
+        trained_for = lora_scheduler(lora)  # e.g. a v-prediction adapter on an epsilon base
+        if trained_for is not None:
+            pipeline.scheduler = trained_for
+            details["scheduler_from"] = str(lora)
     if getattr(pipeline, "text_encoder", None) is not None:
         return TextToImageSampler(pipeline), details
     if lora:

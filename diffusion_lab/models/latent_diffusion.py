@@ -10,6 +10,7 @@ from diffusers import SchedulerMixin, StableDiffusionPipeline
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, keyed_gaussian_sample, sample_keys
 from diffusion_lab.core.random import mix_key
+from diffusion_lab.core.schedulers import scheduler_from_name
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
@@ -69,6 +70,7 @@ class LatentDiffusion(L.LightningModule):
         self.vae = parts["vae"]
         self.unet = parts["unet"]
         self.noise_scheduler = parts["noise_scheduler"]
+        self._base_scheduler_config = dict(self.noise_scheduler.config)
         if prediction_type is not None:  # e.g. fine-tune an epsilon model into v-prediction
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         self._vae_dtype = dtype_from_name(vae_dtype)
@@ -217,9 +219,16 @@ class LatentDiffusion(L.LightningModule):
         )  # fmt: skip
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
-        """A full fine-tune: the StableDiffusionPipeline folder. LoRA: the adapters in the diffusers LoRA
-        format, for `DiffusionPipeline.from_pretrained(<pretrained>).load_lora_weights(out_dir)`."""
+        """A full fine-tune: the StableDiffusionPipeline folder, whose scheduler is DDIM on the training schedule
+        (not the training DDPMScheduler: a plain `pipeline(prompt)` would run 50 ancestral DDPM steps; DDIM's
+        config keeps `clip_sample` and the rest, so any scheduler built from it with `from_config` matches
+        training). LoRA: the adapters in the diffusers LoRA format with their rank, alpha and targets, for
+        `DiffusionPipeline.from_pretrained(<pretrained>).load_lora_weights(out_dir)`, plus the training scheduler
+        when it differs from the base model's (e.g. `prediction_type=v_prediction`)."""
         if has_lora(self.unet):
-            return save_lora(self.unet, out_dir)
-        self.pipeline().save_pretrained(out_dir)
+            changed = dict(self.noise_scheduler.config) != self._base_scheduler_config
+            return save_lora(self.unet, out_dir, scheduler=self.noise_scheduler if changed else None)
+        self.pipeline(scheduler=scheduler_from_name("ddim", self.noise_scheduler.config)).save_pretrained(
+            out_dir
+        )
         return Path(out_dir)

@@ -14,7 +14,7 @@ from diffusion_lab.generation.run import plan_images, read_prompts, write_sample
 # Keys of conf/sample.yaml a settings.json replays (not where to write, not the file itself).
 REPLAYED = [
     "pretrained", "use_ema", "revision", "lora", "num_images", "batch_size", "seed", "scheduler", "steps", "eta",
-    "guidance_scale", "prompt", "prompt_file", "negative_prompt", "class_label", "height", "width", "device",
+    "guidance_scale", "guidance_rescale", "prompt", "prompt_file", "negative_prompt", "class_label", "height", "width", "device",
     "dtype",
 ]  # fmt: skip
 
@@ -41,6 +41,7 @@ def sample(cfg: DictConfig) -> dict:
     plan = plan_images(sampler, cfg.num_images, cfg.seed, prompts, class_label)
     settings = SampleSettings(
         scheduler=cfg.scheduler, steps=cfg.steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale,
         negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
     )  # fmt: skip
     given = OmegaConf.to_container(cfg, resolve=True)

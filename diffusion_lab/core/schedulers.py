@@ -58,3 +58,25 @@ def ddpm_sigmoid_alpha_bar(
     return diffusers.DDPMScheduler(
         num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(), **config
     )
+
+
+def with_zero_terminal_snr(noise_scheduler):
+    """The schedule of Lin et al. 2024 (arXiv:2305.08891, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed"): betas rescaled so the last timestep is pure noise (§3.1), and `trailing` timestep spacing so
+    every sampler starts from that last timestep (§3.3; `leading` DDIM-50 starts at t = 980). At t = T the
+    epsilon target carries no information about the image, so the paper trains with v-prediction (§3.2):
+    epsilon is refused. Classifier-free guidance then needs rescaling (§3.4): `SampleSettings.guidance_rescale`."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        raise ValueError(
+            "zero terminal SNR needs a prediction that is defined at pure noise: set "
+            "model.noise_scheduler.prediction_type=v_prediction (pixel models) or model.prediction_type=v_prediction "
+            "(latent models); with epsilon the last timestep's target says nothing about the image "
+            "(arXiv:2305.08891, section 3.2)"
+        )
+    return type(noise_scheduler).from_config(
+        noise_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+
+
+def has_zero_terminal_snr(scheduler_config) -> bool:
+    return bool(dict(scheduler_config).get("rescale_betas_zero_snr"))

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from diffusion_lab.core import sample_images
-from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_name
 
 
 @dataclass
@@ -21,6 +21,8 @@ class SampleSettings:
     steps: int = 50
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 as stochastic as DDPM
     guidance_scale: float = 7.5  # text models: classifier-free guidance
+    # Text models: CFG rescale (arXiv:2305.08891, section 3.4); None: 0.7 for a zero-terminal-SNR model, else 0.
+    guidance_rescale: float | None = None
     negative_prompt: str | None = None
     height: int | None = None  # text (latent) models: output size in pixels; None = the UNet's native size
     width: int | None = None
@@ -146,6 +148,11 @@ class TextToImageSampler:
     def scheduler(self, settings: SampleSettings):
         return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
 
+    def guidance_rescale(self, settings: SampleSettings) -> float:
+        if settings.guidance_rescale is not None:
+            return settings.guidance_rescale
+        return 0.7 if has_zero_terminal_snr(self.training_scheduler_config) else 0.0  # the paper's value
+
     @torch.no_grad()
     def generate(
         self,
@@ -178,6 +185,7 @@ class TextToImageSampler:
                 if settings.negative_prompt
                 else None,
                 guidance_scale=settings.guidance_scale,
+                guidance_rescale=self.guidance_rescale(settings),
                 num_inference_steps=settings.steps,
                 eta=settings.eta,
                 height=height,

@@ -10,7 +10,7 @@ from diffusers import SchedulerMixin, StableDiffusionPipeline
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, keyed_gaussian_sample, sample_keys
 from diffusion_lab.core.random import mix_key
-from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_name, with_zero_terminal_snr
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
@@ -61,6 +61,7 @@ class LatentDiffusion(L.LightningModule):
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
         val_timestep_levels: int = 10,
+        zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -73,6 +74,8 @@ class LatentDiffusion(L.LightningModule):
         self._base_scheduler_config = dict(self.noise_scheduler.config)
         if prediction_type is not None:  # e.g. fine-tune an epsilon model into v-prediction
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        if zero_terminal_snr or has_zero_terminal_snr(self.noise_scheduler.config):
+            self.noise_scheduler = with_zero_terminal_snr(self.noise_scheduler)
         self._vae_dtype = dtype_from_name(vae_dtype)
         self.on_fit_start()
         # from_pretrained returns eval-mode modules and Lightning keeps the modes it finds: the UNet must be

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
+from diffusion_lab.core.schedulers import has_zero_terminal_snr, with_zero_terminal_snr
 from diffusion_lab.models.optimization import configure_optimizer
 from diffusion_lab.models.serialization import describe_components
 
@@ -30,10 +31,13 @@ class PixelDiffusion(L.LightningModule):
         noise_offset: float = 0.0,
         noise_seed: int = 0,
         val_timestep_levels: int = 10,
+        zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "noise_scheduler", "optimizer", "lr_scheduler"])
         self.net = net
+        if zero_terminal_snr or has_zero_terminal_snr(noise_scheduler.config):
+            noise_scheduler = with_zero_terminal_snr(noise_scheduler)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -22,9 +22,9 @@ def write_pipeline(
 
 def save_ddpm_pipeline(net: torch.nn.Module, noise_scheduler, out_dir: str | Path) -> Path:
     """`unet/ + scheduler/ + model_index.json` so `DiffusionPipeline.from_pretrained(out_dir)` works."""
-    from diffusers import DDPMPipeline
+    from diffusion_lab.models.pixel_pipeline import save_pixel_pipeline
 
-    return write_pipeline(out_dir, [net], DDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained)
+    return write_pipeline(out_dir, [net], lambda folder: save_pixel_pipeline(net, noise_scheduler, folder))
 
 
 def load_ema_weights(network: torch.nn.Module, ema_state: dict) -> None:

@@ -100,3 +100,39 @@ def test_learning_rate_scaling_rules():
     assert scaled_learning_rate(1e-4, 128, 32, None) == 1e-4
     with pytest.raises(ValueError, match="valid: null, linear, sqrt"):
         scaled_learning_rate(1e-4, 128, 32, "cubic")
+
+
+def test_a_class_conditional_export_runs_through_from_pretrained_with_labels(compose_config, tmp_path):
+    """The folder alone (its pipeline.py, hence `trust_remote_code=True`), loaded by diffusers: labels work."""
+    from diffusers import DiffusionPipeline
+
+    from diffusion_lab.export import write_pipeline
+
+    model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
+    write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
+    assert type(pipeline).__name__ == "ClassConditionalDDPMPipeline"
+
+    def run(labels):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(
+            class_labels=labels, num_inference_steps=3, generator=generator, output_type="pt"
+        ).images
+
+    images = run([0, 7])
+    assert images.shape == (2, 1, 8, 8) and ((images >= 0) & (images <= 1)).all()
+    assert not torch.equal(run([0, 7]), run([3, 3]))  # same noise, other labels: other images
+    with pytest.raises(ValueError, match="0..9"):
+        pipeline(class_labels=[10], num_inference_steps=1)
+
+
+def test_the_sample_command_loads_a_class_conditional_export(compose_config, tmp_path):
+    from diffusion_lab.export import write_pipeline
+    from diffusion_lab.generation import SampleSettings, load_sampler
+
+    model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
+    write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
+    sampler, details = load_sampler(str(tmp_path / "pipeline"))
+    assert details["pipeline_class"] == "ClassConditionalDDPMPipeline" and sampler.num_classes == 10
+    images = sampler.generate([0, 1], SampleSettings(scheduler="ddim", steps=2), class_labels=[2, 5])
+    assert images.shape == (2, 1, 8, 8)

@@ -38,6 +38,10 @@ def _from_pipeline(
     kwargs = {"revision": revision} if revision else {}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
+    if Path(
+        name_or_path
+    ).is_dir():  # a local folder's own pipeline.py (class-conditional exports); never a hub's
+        kwargs["trust_remote_code"] = True
     pipeline = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
     source = "pipeline_folder" if Path(name_or_path).is_dir() else "hub"
     details = {"source": source, "pipeline_class": type(pipeline).__name__}

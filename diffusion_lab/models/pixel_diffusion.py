@@ -5,11 +5,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin, UNet2DModel
 
 from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
 from diffusion_lab.core.schedulers import has_zero_terminal_snr, with_zero_terminal_snr
 from diffusion_lab.models.optimization import configure_optimizer
+from diffusion_lab.models.pixel_pipeline import save_pixel_pipeline
 from diffusion_lab.models.serialization import describe_components
 
 
@@ -94,5 +95,4 @@ class PixelDiffusion(L.LightningModule):
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """`unet/ + scheduler/ + model_index.json`: what `DiffusionPipeline.from_pretrained(out_dir)` loads."""
-        DDPMPipeline(unet=self.net, scheduler=self.noise_scheduler).save_pretrained(out_dir)
-        return Path(out_dir)
+        return save_pixel_pipeline(self.net, self.noise_scheduler, out_dir)

@@ -1,0 +1,28 @@
+"""A pixel model as a diffusers pipeline folder: `DiffusionPipeline.from_pretrained(folder)` loads and runs it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline
+
+from diffusion_lab.models import class_conditional_pipeline
+from diffusion_lab.models.class_conditional_pipeline import ClassConditionalDDPMPipeline
+
+
+def save_pixel_pipeline(net: torch.nn.Module, noise_scheduler, folder: str | Path) -> Path:
+    """`DDPMPipeline` for an unconditional UNet. A class-conditional one gets `ClassConditionalDDPMPipeline`
+    (`pipeline(class_labels=[...])`), whose code travels in the folder as `pipeline.py`: `DDPMPipeline.__call__`
+    cannot pass labels, so an exported class-conditional model used to raise on its first call."""
+    folder = Path(folder)
+    if not net.config.num_class_embeds:
+        DDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained(folder)
+        return folder
+    ClassConditionalDDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained(folder)
+    shutil.copyfile(class_conditional_pipeline.__file__, folder / "pipeline.py")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = ["pipeline", ClassConditionalDDPMPipeline.__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -112,12 +112,13 @@ def test_bf16_true_training_keeps_a_float32_average_that_moves(compose_config):
 
 
 @pytest.mark.parametrize("update_every", [1, 10])
-def test_the_warm_up_counts_optimizer_steps_like_ema_pytorch(update_every):
-    """The flowers recipe's EMA (decay 0.995, power 2/3, 100 steps before averaging) against ema-pytorch's own
-    `get_current_decay`, the class denoising_diffusion_pytorch trains with."""
+def test_the_warm_up_counts_optimizer_steps_like_ema_pytorch(compose_config, update_every):
+    """The flowers recipe's EMA (decay 0.995, power 2/3, 100 steps before averaging; every 10 steps, and every
+    step) against ema-pytorch's own `get_current_decay`, the class denoising_diffusion_pytorch trains with."""
     from ema_pytorch import EMA as ReferenceEMA
 
-    ema = EMA(decay=0.995, update_every=update_every, update_after_step=100, use_ema_warmup=True, power=2 / 3)
+    cfg = compose_config("experiment=ddpm_flowers_128", f"callbacks.ema.update_every={update_every}")
+    ema = instantiate(cfg.callbacks.ema)
     decays = _steps(ema, _Module(), 3000)
     reference = ReferenceEMA(torch.nn.Linear(1, 1), beta=0.995, update_after_step=100, power=2 / 3)
     for step, decay in decays.items():

@@ -97,10 +97,12 @@ def report_errors(task):
     def run(cfg):
         try:
             return task(cfg)
-        except ConfigError as error:
-            log.error("diffusion-lab: %s", error)
-            raise SystemExit(2) from None
         except Exception as error:
+            if isinstance(error.__cause__, ConfigError):  # raised by a constructor Hydra called
+                error = error.__cause__
+            if isinstance(error, ConfigError):
+                log.error("diffusion-lab: %s", error)
+                raise SystemExit(2) from None
             record = log.makeRecord(
                 log.name, logging.ERROR, __file__, 0, f"fatal: {error!r}", None, sys.exc_info()
             )

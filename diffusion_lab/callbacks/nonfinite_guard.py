@@ -5,6 +5,8 @@ import logging
 import lightning as L
 import torch
 
+from diffusion_lab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 ACTIONS = ("stop", "skip")
 
@@ -29,9 +31,9 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, nonfinite: str = "stop", max_consecutive: int = 10) -> None:
         if nonfinite not in ACTIONS:
-            raise ValueError(f"guard.nonfinite={nonfinite!r}; valid: {', '.join(ACTIONS)}")
+            raise ConfigError(f"guard.nonfinite={nonfinite!r}; valid: {', '.join(ACTIONS)}")
         if max_consecutive < 1:
-            raise ValueError(f"guard.max_consecutive must be at least 1, got {max_consecutive}")
+            raise ConfigError(f"guard.max_consecutive must be at least 1, got {max_consecutive}")
         self.nonfinite = nonfinite
         self.max_consecutive = max_consecutive
         self.skipped = 0

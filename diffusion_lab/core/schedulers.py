@@ -3,6 +3,8 @@
 import diffusers
 import torch
 
+from diffusion_lab.errors import ConfigError
+
 # name -> (diffusers class, config overrides that make the variant)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddpm": ("DDPMScheduler", {}),
@@ -67,7 +69,7 @@ def with_zero_terminal_snr(noise_scheduler):
     epsilon target carries no information about the image, so the paper trains with v-prediction (§3.2):
     epsilon is refused. Classifier-free guidance then needs rescaling (§3.4): `SampleSettings.guidance_rescale`."""
     if noise_scheduler.config.prediction_type == "epsilon":
-        raise ValueError(
+        raise ConfigError(
             "zero terminal SNR needs a prediction that is defined at pure noise: set "
             "model.noise_scheduler.prediction_type=v_prediction (pixel models) or model.prediction_type=v_prediction "
             "(latent models); with epsilon the last timestep's target says nothing about the image "

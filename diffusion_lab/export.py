@@ -20,9 +20,9 @@ def write_pipeline(
     return write_folder(out_dir, save)
 
 
-def save_ddpm_pipeline(net: torch.nn.Module, noise_scheduler, out_dir: str | Path) -> Path:
+def export_pixel_pipeline(net: torch.nn.Module, noise_scheduler, out_dir: str | Path) -> Path:
     """`unet/ + scheduler/ + model_index.json` so `DiffusionPipeline.from_pretrained(out_dir)` works."""
-    from diffusion_lab.models.pixel_pipeline import save_pixel_pipeline
+    from diffusion_lab.pipelines.pixel import save_pixel_pipeline
 
     return write_pipeline(out_dir, [net], lambda folder: save_pixel_pipeline(net, noise_scheduler, folder))
 
@@ -76,7 +76,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool 
     step = checkpoint_kind.get("global_step")
     if "diffusers_components" in checkpoint_kind:
         components = load_checkpoint_components(ckpt_path, use_ema=use_ema)
-        path = save_ddpm_pipeline(components["net"], components["noise_scheduler"], out_dir)
+        path = export_pixel_pipeline(components["net"], components["noise_scheduler"], out_dir)
         used_ema = components["used_ema"]
     elif "pretrained" in checkpoint_kind.get("hyper_parameters", {}):
         model, used_ema = load_latent_checkpoint(ckpt_path, use_ema=use_ema)

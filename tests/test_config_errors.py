@@ -26,7 +26,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("model.lr=abc", "model.lr='abc': expected float"),
         ("data.batch_size=0", "data.batch_size=0: must be above 0"),
         ("model.lr=-1e-3", "model.lr=-0.001: must be above 0"),
-        ("model.zero_terminal_snr=true", "zero terminal SNR needs a prediction that is defined at pure noise"),
+        (
+            "model.zero_terminal_snr=true",
+            "zero terminal SNR needs a prediction that is defined at pure noise",
+        ),
         ("guard.nonfinite=ignore", "guard.nonfinite='ignore'; valid: stop, skip"),
     ],
 )

@@ -47,7 +47,6 @@ def test_ema_follows_decay(compose_config):
 
 
 def test_an_ema_target_that_is_not_a_network_is_named(compose_config):
-
     with pytest.raises(
         ValueError, match=r"callbacks.ema.target='unet' is not a network of the model; it has \['net'"
     ):
@@ -86,7 +85,9 @@ def test_the_average_is_float32_and_follows_a_slow_drift_under_bf16():
     """A bf16 weight drifting 1.0 -> 1.2 over 4,000 steps, decay 0.995: the average reaches it."""
     from diffusers.training_utils import EMAModel
 
-    drift = lambda step: 1.0 + 0.2 * step / 4000  # noqa: E731
+    def drift(step: int) -> float:
+        return 1.0 + 0.2 * step / 4000
+
     ema, module = EMA(decay=0.995), _Module(torch.bfloat16)
     _steps(ema, module, 4000, drift)
     assert ema.ema.shadow_params[0].dtype == torch.float32
@@ -104,7 +105,9 @@ def test_bf16_true_training_keeps_a_float32_average_that_moves(compose_config):
     ema = EMA(decay=0.5)
     cfg = compose_config(*TINY)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
-    start = [p.detach().float().clone() for p in model.net.parameters()]
+    start = [
+        p.detach().to(torch.bfloat16).float() for p in model.net.parameters()
+    ]  # what bf16 training starts from
     bare_trainer(3, callbacks=[ema], precision="bf16-true").fit(model, datamodule=data)
     assert next(model.net.parameters()).dtype == torch.bfloat16
     assert all(shadow.dtype == torch.float32 for shadow in ema.ema.shadow_params)

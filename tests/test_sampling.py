@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from diffusion_lab.core.schedulers import SCHEDULERS, scheduler_from_name
-from diffusion_lab.export import save_ddpm_pipeline
+from diffusion_lab.export import export_pixel_pipeline
 from diffusion_lab.generation import PixelSampler, SampleSettings, TextToImageSampler, load_sampler
 from diffusion_lab.generation.run import plan_images, read_prompts
 from tests.test_commands import cli
@@ -25,7 +25,7 @@ def _unet(num_class_embeds=None, seed=0):
 
 @pytest.fixture(scope="module")
 def pixel_pipeline(tmp_path_factory):
-    return save_ddpm_pipeline(_unet(), DDPMScheduler(), tmp_path_factory.mktemp("pixel") / "pipeline")
+    return export_pixel_pipeline(_unet(), DDPMScheduler(), tmp_path_factory.mktemp("pixel") / "pipeline")
 
 
 @pytest.fixture(scope="module")

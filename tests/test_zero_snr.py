@@ -21,7 +21,7 @@ def _first_timestep(sampler, name: str, steps: int = 50) -> int:
     return int(scheduler.timesteps[0])
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "euler", "euler-a", "unipc", "pndm"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "dpm++-sde", "euler", "euler-a", "unipc"])
 def test_every_sampler_starts_at_the_last_training_timestep(compose_config, name):
     model = instantiate(compose_config(*TINY, *ZERO_SNR).model)
     assert model.noise_scheduler.alphas_cumprod[-1] < 1e-6  # the last step is (numerically) pure noise
@@ -32,6 +32,17 @@ def test_every_sampler_starts_at_the_last_training_timestep(compose_config, name
     )  # `leading` misses it
 
 
+@pytest.mark.parametrize("name", ["pndm", "heun", "lms"])
+def test_samplers_without_zero_snr_support_are_refused_with_those_that_have_it(compose_config, name):
+    from diffusion_lab.errors import ConfigError
+
+    model = instantiate(compose_config(*TINY, *ZERO_SNR).model)
+    with pytest.raises(
+        ConfigError, match=r"use one of ddpm, ddim, dpm\+\+, dpm\+\+-sde, euler, euler-a, unipc"
+    ):
+        _first_timestep(PixelSampler(model.net, model.noise_scheduler), name)
+
+
 def test_the_exported_pipeline_keeps_the_zero_snr_schedule(compose_config, tmp_path):
     model = instantiate(compose_config(*TINY, *ZERO_SNR).model)
     model.save_pipeline(tmp_path / "pipeline")
@@ -40,12 +51,45 @@ def test_the_exported_pipeline_keeps_the_zero_snr_schedule(compose_config, tmp_p
     assert int(scheduler.timesteps[0]) == 999 and scheduler.config.rescale_betas_zero_snr
 
 
-def test_epsilon_with_zero_terminal_snr_is_refused(compose_config):
-    with pytest.raises(Exception, match="v_prediction"):
+def test_epsilon_with_zero_terminal_snr_is_refused(compose_config, tiny_sd):
+    from diffusion_lab.errors import ConfigError
+    from diffusion_lab.models import LatentDiffusion
+
+    with pytest.raises(Exception, match="v_prediction") as raised:
         instantiate(compose_config(*TINY, "model.zero_terminal_snr=true").model)
+    assert isinstance(raised.value.__cause__, ConfigError)
+    with pytest.raises(ConfigError, match="v_prediction"):
+        LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, zero_terminal_snr=True)
 
 
-def test_guidance_rescale_reaches_the_pipeline(tiny_sd):
+def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_prediction_type_unset(
+    tiny_sd, tmp_path
+):
+    """SD 1.5's scheduler config has no prediction_type: diffusers lists it among the defaults, and rebuilding the
+    scheduler would have put epsilon back."""
+    import json
+    import shutil
+
+    from diffusion_lab.models import LatentDiffusion
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd, base)
+    config_path = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("prediction_type")
+    config_path.write_text(json.dumps(config))
+    model = LatentDiffusion(
+        str(base),
+        optimizer=torch.optim.AdamW,
+        lr=1e-3,
+        prediction_type="v_prediction",
+        zero_terminal_snr=True,
+    )
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert model.noise_scheduler.config.rescale_betas_zero_snr
+
+
+def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
     from diffusion_lab.models import LatentDiffusion
 
     settings = dict(
@@ -53,13 +97,23 @@ def test_guidance_rescale_reaches_the_pipeline(tiny_sd):
     )
     calls = []
 
-    def record(pipeline, **kwargs):
-        calls.append(kwargs)
-        return mock.Mock(images=torch.zeros(len(kwargs["prompt"]), 3, 32, 32))
+    def takes_it(pipeline, prompt, guidance_rescale=0.0, **kwargs):  # StableDiffusionPipeline's signature
+        calls.append(guidance_rescale)
+        return mock.Mock(images=torch.zeros(len(prompt), 3, 32, 32))
+
+    def does_not(pipeline, prompt, **kwargs):  # Kolors, SAG, ...
+        calls.append(kwargs.get("guidance_rescale", "absent"))
+        return mock.Mock(images=torch.zeros(len(prompt), 3, 32, 32))
+
+    def run(zero_snr: bool, given: float | None, call) -> None:
+        sampler = TextToImageSampler(LatentDiffusion(**settings, zero_terminal_snr=zero_snr).pipeline())
+        with mock.patch.object(StableDiffusionPipeline, "__call__", call):
+            sampler.generate([0], SampleSettings(steps=2, guidance_rescale=given), prompts=["a digit"])
 
     for zero_snr, given, expected in [(True, None, 0.7), (True, 0.3, 0.3), (False, None, 0.0)]:
-        model = LatentDiffusion(**settings, zero_terminal_snr=zero_snr)
-        sampler = TextToImageSampler(model.pipeline())
-        with mock.patch.object(StableDiffusionPipeline, "__call__", record):
-            sampler.generate([0], SampleSettings(steps=2, guidance_rescale=given), prompts=["a digit"])
-        assert calls[-1]["guidance_rescale"] == expected
+        run(zero_snr, given, takes_it)
+        assert calls[-1] == expected
+    run(False, None, does_not)
+    assert calls[-1] == "absent"
+    with pytest.raises(ValueError, match="takes no guidance_rescale"):
+        run(True, None, does_not)

@@ -27,15 +27,37 @@ def check_scheduler_name(name: str) -> str:
     return name
 
 
+def explicit_config(config) -> dict:
+    """A scheduler config in which every value counts as set. A live scheduler remembers which of its values
+    were defaults (`_use_default_values`) and `from_config` replaces those with the new class's defaults: a
+    reloaded pipeline's config has no such list, and SD 1.5's lists `prediction_type`, so a v-prediction
+    override would silently turn back into epsilon."""
+    return {key: value for key, value in dict(config).items() if key != "_use_default_values"}
+
+
 def scheduler_from_name(name: str, training_config: dict, **overrides):
-    """A sampling scheduler of the named kind, sharing the training schedule's betas and parametrisation."""
+    """A sampling scheduler of the named kind, sharing the training schedule's betas and parametrisation (so the
+    same model samples the same way from a checkpoint and from its exported pipeline)."""
     check_scheduler_name(name)
     class_name, variant = SCHEDULERS[name]
-    # Every training value counts as set: a live scheduler remembers which of its values were defaults
-    # (`_use_default_values`, then replaced by the new class's defaults), a reloaded pipeline's does not, and
-    # the same model must sample the same way from a checkpoint and from its exported pipeline.
-    config = {key: value for key, value in dict(training_config).items() if key != "_use_default_values"}
-    return getattr(diffusers, class_name).from_config(config, **{**variant, **overrides})
+    scheduler_class = getattr(diffusers, class_name)
+    if has_zero_terminal_snr(training_config) and not _supports_zero_terminal_snr(scheduler_class):
+        fitting = [
+            other
+            for other, (cls, _) in SCHEDULERS.items()
+            if _supports_zero_terminal_snr(getattr(diffusers, cls))
+        ]
+        raise ConfigError(
+            f"scheduler {name!r} ({class_name}) cannot sample a zero-terminal-SNR model (it has no "
+            f"rescale_betas_zero_snr and would divide by the last step's zero signal); use one of {', '.join(fitting)}"
+        )
+    return scheduler_class.from_config(explicit_config(training_config), **{**variant, **overrides})
+
+
+def _supports_zero_terminal_snr(scheduler_class) -> bool:
+    import inspect
+
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
 
 
 def sigmoid_alpha_bar_betas(
@@ -68,16 +90,17 @@ def with_zero_terminal_snr(noise_scheduler):
     every sampler starts from that last timestep (§3.3; `leading` DDIM-50 starts at t = 980). At t = T the
     epsilon target carries no information about the image, so the paper trains with v-prediction (§3.2):
     epsilon is refused. Classifier-free guidance then needs rescaling (§3.4): `SampleSettings.guidance_rescale`."""
-    if noise_scheduler.config.prediction_type == "epsilon":
+    rescaled = type(noise_scheduler).from_config(
+        explicit_config(noise_scheduler.config), rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    if rescaled.config.prediction_type == "epsilon":
         raise ConfigError(
             "zero terminal SNR needs a prediction that is defined at pure noise: set "
             "model.noise_scheduler.prediction_type=v_prediction (pixel models) or model.prediction_type=v_prediction "
             "(latent models); with epsilon the last timestep's target says nothing about the image "
             "(arXiv:2305.08891, section 3.2)"
         )
-    return type(noise_scheduler).from_config(
-        noise_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
-    )
+    return rescaled
 
 
 def has_zero_terminal_snr(scheduler_config) -> bool:

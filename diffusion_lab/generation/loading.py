@@ -6,6 +6,7 @@ import torch
 
 from diffusion_lab.finite import require_finite_modules
 from diffusion_lab.generation.samplers import PixelSampler, Sampler, TextToImageSampler
+from diffusion_lab.pipelines.pixel import is_class_conditional_export, load_class_conditional_export
 
 
 def sampler_for_module(pl_module) -> Sampler:
@@ -38,12 +39,12 @@ def _from_pipeline(
     kwargs = {"revision": revision} if revision else {}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    if Path(
-        name_or_path
-    ).is_dir():  # a local folder's own pipeline.py (class-conditional exports); never a hub's
-        kwargs["trust_remote_code"] = True
-    pipeline = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
-    source = "pipeline_folder" if Path(name_or_path).is_dir() else "hub"
+    local = Path(name_or_path).is_dir()
+    if local and is_class_conditional_export(name_or_path):  # our class, not the folder's copy of its code
+        pipeline = load_class_conditional_export(name_or_path, dtype)
+    else:
+        pipeline = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+    source = "pipeline_folder" if local else "hub"
     details = {"source": source, "pipeline_class": type(pipeline).__name__}
     if lora:
         from diffusion_lab.models.lora import lora_scheduler  # peft: imported only when a LoRA is asked for

@@ -4,6 +4,7 @@ One seed per image: image i depends on its own seed only, not on the batch it wa
 images were asked for, so a settings file reproduces each picture.
 """
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -148,10 +149,19 @@ class TextToImageSampler:
     def scheduler(self, settings: SampleSettings):
         return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
 
-    def guidance_rescale(self, settings: SampleSettings) -> float:
-        if settings.guidance_rescale is not None:
-            return settings.guidance_rescale
-        return 0.7 if has_zero_terminal_snr(self.training_scheduler_config) else 0.0  # the paper's value
+    def guidance_options(self, settings: SampleSettings) -> dict:
+        """`guidance_rescale` for the pipeline call: 0.7 (the paper's value) for a zero-terminal-SNR model unless
+        given; left out for pipelines that do not take it (Kolors, SAG, ...) unless a value was asked for."""
+        rescale = settings.guidance_rescale
+        if rescale is None:
+            rescale = 0.7 if has_zero_terminal_snr(self.training_scheduler_config) else 0.0
+        if "guidance_rescale" in inspect.signature(self.pipeline.__call__).parameters:
+            return {"guidance_rescale": rescale}
+        if rescale:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} takes no guidance_rescale (asked for {rescale})"
+            )
+        return {}
 
     @torch.no_grad()
     def generate(
@@ -185,7 +195,7 @@ class TextToImageSampler:
                 if settings.negative_prompt
                 else None,
                 guidance_scale=settings.guidance_scale,
-                guidance_rescale=self.guidance_rescale(settings),
+                **self.guidance_options(settings),
                 num_inference_steps=settings.steps,
                 eta=settings.eta,
                 height=height,

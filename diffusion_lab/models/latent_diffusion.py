@@ -20,6 +20,10 @@ from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_a
 _CAPTION_DROPOUT_SALT = 0xCA7
 
 
+def _public(config) -> dict:
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
 def caption_dropout_mask(seed: int, step: int, sample_ids: torch.Tensor, p: float) -> torch.Tensor:
     """True where an image's caption is replaced by the empty prompt, with probability p, so the UNet also
     learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022,
@@ -221,17 +225,19 @@ class LatentDiffusion(L.LightningModule):
             requires_safety_checker=False,
         )  # fmt: skip
 
+    def sampling_scheduler(self) -> SchedulerMixin:
+        """What exports carry: DDIM on the training schedule (see `save_pipeline`)."""
+        return scheduler_from_name("ddim", self.noise_scheduler.config)
+
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """A full fine-tune: the StableDiffusionPipeline folder, whose scheduler is DDIM on the training schedule
         (not the training DDPMScheduler: a plain `pipeline(prompt)` would run 50 ancestral DDPM steps; DDIM's
         config keeps `clip_sample` and the rest, so any scheduler built from it with `from_config` matches
         training). LoRA: the adapters in the diffusers LoRA format with their rank, alpha and targets, for
-        `DiffusionPipeline.from_pretrained(<pretrained>).load_lora_weights(out_dir)`, plus the training scheduler
-        when it differs from the base model's (e.g. `prediction_type=v_prediction`)."""
+        `DiffusionPipeline.from_pretrained(<pretrained>).load_lora_weights(out_dir)`, plus that DDIM scheduler
+        when the training schedule differs from the base model's (e.g. `prediction_type=v_prediction`)."""
         if has_lora(self.unet):
-            changed = dict(self.noise_scheduler.config) != self._base_scheduler_config
-            return save_lora(self.unet, out_dir, scheduler=self.noise_scheduler if changed else None)
-        self.pipeline(scheduler=scheduler_from_name("ddim", self.noise_scheduler.config)).save_pretrained(
-            out_dir
-        )
+            changed = _public(self.noise_scheduler.config) != _public(self._base_scheduler_config)
+            return save_lora(self.unet, out_dir, scheduler=self.sampling_scheduler() if changed else None)
+        self.pipeline(scheduler=self.sampling_scheduler()).save_pretrained(out_dir)
         return Path(out_dir)

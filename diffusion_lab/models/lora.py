@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -40,7 +41,7 @@ def save_lora(unet: UNet2DConditionModel, out_dir: str | Path, scheduler=None) -
     """`pytorch_lora_weights.safetensors`, which `pipeline.load_lora_weights(out_dir)` reads, with the adapter's
     config (rank, alpha, target modules) in its metadata: without it diffusers reloads with alpha = rank, so an
     adapter trained at alpha 16, rank 4 would sample at scale 1 instead of 4 (what diffusers' own scripts pass
-    via `_collate_lora_metadata`). `scheduler`, when given, goes to `scheduler/`: the parametrisation the
+    via `_collate_lora_metadata`). `scheduler`, when given, goes to `scheduler/`: a sampler on the schedule the
     adapter was trained for, where it differs from the base model's."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(
@@ -55,8 +56,6 @@ def save_lora(unet: UNet2DConditionModel, out_dir: str | Path, scheduler=None) -
 
 def lora_scheduler(lora_dir: str | Path):
     """The scheduler a LoRA folder carries (see `save_lora`), or None."""
-    import diffusers
-
     folder = Path(lora_dir) / "scheduler"
     if not (folder / "scheduler_config.json").is_file():
         return None

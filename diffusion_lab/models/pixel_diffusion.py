@@ -10,8 +10,8 @@ from diffusers import SchedulerMixin, UNet2DModel
 from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
 from diffusion_lab.core.schedulers import has_zero_terminal_snr, with_zero_terminal_snr
 from diffusion_lab.models.optimization import configure_optimizer
-from diffusion_lab.models.pixel_pipeline import save_pixel_pipeline
 from diffusion_lab.models.serialization import describe_components
+from diffusion_lab.pipelines.pixel import save_pixel_pipeline
 
 
 class PixelDiffusion(L.LightningModule):

@@ -3,7 +3,8 @@
 from omegaconf import OmegaConf
 
 
-def _multirun() -> bool:
+def is_multirun() -> bool:
+    """Whether this process runs a job of a Hydra sweep (`-m`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -14,7 +15,7 @@ def sweep_group(run_name: str) -> str:
     """A sweep's runs share one group (`<run_name>/<sweep folder>`); a single run is its own."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not _multirun():
+    if not is_multirun():
         return run_name
     return f"{run_name}/{HydraConfig.get().sweep.dir.rstrip('/').rsplit('/', 1)[-1]}"
 
@@ -23,7 +24,7 @@ def run_label(run_name: str) -> str:
     """`run_name`, and in a sweep the job number and its overrides: `ddpm_digits#3 model.lr=3e-4`."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not _multirun():
+    if not is_multirun():
         return run_name
     job = HydraConfig.get().job
     return f"{run_name}#{job.num} {' '.join(HydraConfig.get().overrides.task)}".strip()

@@ -20,22 +20,23 @@ def resolve_checkpoint(
     hpc = list(Path(root_dir).glob("hpc_ckpt_*.ckpt"))  # written only by Lightning's SLURM requeue (USR1)
     if not ckpt_path:
         # A requeued SLURM job reruns its command unchanged: Lightning restores its hpc checkpoint by itself.
-        return max(hpc, key=lambda path: path.stat().st_mtime) if hpc else None
+        return _newest(hpc)
     if ckpt_path != "last":
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         return path
-    candidates = hpc
-    if checkpoint_dir is not None:
-        candidates += [Path(checkpoint_dir) / "last.ckpt"]
-    candidates = [path for path in candidates if path.is_file()]
-    if not candidates:
+    last = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
+    newest = _newest([*hpc, *([last] if last is not None and last.is_file() else [])])
+    if newest is None:
         log.warning(
             "ckpt_path=last: no checkpoint in %s yet; starting from step 0", checkpoint_dir or root_dir
         )
-        return None
-    return max(candidates, key=lambda path: path.stat().st_mtime)
+    return newest
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda path: path.stat().st_mtime) if paths else None
 
 
 def _flat(tree, prefix: str = "") -> dict:

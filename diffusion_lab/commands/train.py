@@ -29,6 +29,7 @@ from diffusion_lab.config_checks import check_run_config
 from diffusion_lab.finite import NonFiniteWeights
 from diffusion_lab.loggers import resume_logs
 from diffusion_lab.performance import effective_batch_size
+from diffusion_lab.resolvers import is_multirun
 from diffusion_lab.resume import check_same_architecture, resolve_checkpoint
 from diffusion_lab.signals import RunInterrupted, stop_on_signals
 from diffusion_lab.sweep_summary import RUN_SUMMARY
@@ -90,16 +91,13 @@ def _last_checkpoint(trainer: L.Trainer) -> str | None:
 
 def stop_diverged(trainer: L.Trainer, error: Exception) -> None:
     """Say what happened and the way back; a single run exits non-zero, a sweep's job returns no value."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     log.error(
         "diverged: %s. Nothing after that was checkpointed or exported. Last good checkpoint: %s. "
         "Try a lower model.lr, or guard.nonfinite=skip",
         error,
         _last_checkpoint(trainer) or "none (no checkpoint was written)",
     )
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if is_multirun():
         return None  # the sweep goes on; Optuna records a failed trial
     raise SystemExit(EXIT_DIVERGED)
 

@@ -66,7 +66,7 @@ def load_latent_checkpoint(ckpt_path: str | Path, use_ema: bool = True) -> tuple
     ema_state = checkpoint.get("callbacks", {}).get("EMA")
     used_ema = bool(use_ema and ema_state)
     if used_ema:
-        load_ema_weights(getattr(model, ema_state.get("target", "unet")), ema_state)
+        load_ema_weights(model.net, ema_state)
     return model.eval(), used_ema
 
 
@@ -80,7 +80,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool 
         used_ema = components["used_ema"]
     elif "pretrained" in checkpoint_kind.get("hyper_parameters", {}):
         model, used_ema = load_latent_checkpoint(ckpt_path, use_ema=use_ema)
-        path = write_pipeline(out_dir, [model.denoiser], model.save_pipeline)
+        path = write_pipeline(out_dir, [model.net], model.save_pipeline)
     else:
         raise ValueError(
             f"{ckpt_path} is not a diffusion_lab checkpoint (no diffusers parts, no 'pretrained')"

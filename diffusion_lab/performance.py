@@ -6,16 +6,16 @@ import torch
 
 
 def apply_speed_settings(
-    denoiser: torch.nn.Module, compile: bool | dict = False, channels_last: bool = False,
+    net: torch.nn.Module, compile: bool | dict = False, channels_last: bool = False,
     matmul_precision: str = "highest",
 ) -> None:  # fmt: skip
     """TF32 / bf16 matmuls (`high` / `medium`), channels_last weights, and `nn.Module.compile` (in place: the
     state dict keeps its keys, so checkpoints, EMA and export are unchanged)."""
     torch.set_float32_matmul_precision(matmul_precision)
     if channels_last:
-        denoiser.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
     if compile:
-        denoiser.compile(**(dict(compile) if not isinstance(compile, bool) else {}))
+        net.compile(**(dict(compile) if not isinstance(compile, bool) else {}))
 
 
 def effective_batch_size(per_device: int, accumulate_grad_batches: int, world_size: int) -> int:

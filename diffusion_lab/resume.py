@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.models.serialization import current_key
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each checkpoint
@@ -59,11 +60,11 @@ def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig)
     """Raise `ConfigError` naming the config keys that differ when the checkpoint's tensors do not fit `model`
     (instead of Lightning's hundreds of `size mismatch` lines); returns the checkpoint's step."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    saved, current = checkpoint.get("state_dict", {}), model.state_dict()
+    saved = {current_key(key): value for key, value in checkpoint.get("state_dict", {}).items()}
+    current = model.state_dict()
     misfits = [key for key in saved if key not in current or saved[key].shape != current[key].shape]
     # Keys only this model has count for its trained network (slim checkpoints leave the frozen parts out).
-    trained = next((f"{name}." for name, child in model.named_children() if child is model.denoiser), None)
-    misfits += [key for key in current if key not in saved and trained and key.startswith(trained)]
+    misfits += [key for key in current if key not in saved and key.startswith("net.")]
     if misfits:
         example = misfits[0]
         if example in current and example in saved:

@@ -21,7 +21,7 @@ class RankProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ema = find_ema(trainer)
         held = torch.tensor([
-            float(sum(p.double().sum() for p in pl_module.denoiser.parameters())),
+            float(sum(p.double().sum() for p in pl_module.net.parameters())),
             float(sum(s.double().sum() for s in ema.ema.shadow_params)) if ema else 0.0,
             float(pl_module.hparams.lr),
         ], dtype=torch.float64)  # fmt: skip

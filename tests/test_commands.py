@@ -63,7 +63,7 @@ def test_unknown_key_names_the_valid_ones():
     result = cli("train", "model.lrr=1", check=False)
     assert result.returncode != 0
     assert "unknown config key 'model.lrr'" in result.stderr
-    assert "Did you mean 'model.lr'?" in result.stderr and "snr_gamma" in result.stderr
+    assert "Did you mean 'model.lr'?" in result.stderr and "noise_seed" in result.stderr
 
 
 def test_unknown_group_option_lists_the_options():

@@ -27,7 +27,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("data.batch_size=0", "data.batch_size=0: must be above 0"),
         ("model.lr=-1e-3", "model.lr=-0.001: must be above 0"),
         (
-            "model.zero_terminal_snr=true",
+            "model.objective.zero_terminal_snr=true",
             "zero terminal SNR needs a prediction that is defined at pure noise",
         ),
         ("guard.nonfinite=ignore", "guard.nonfinite='ignore'; valid: stop, skip"),

@@ -46,13 +46,6 @@ def test_ema_follows_decay(compose_config):
         torch.testing.assert_close(parameter, shadow)
 
 
-def test_an_ema_target_that_is_not_a_network_is_named(compose_config):
-    with pytest.raises(
-        ValueError, match=r"callbacks.ema.target='unet' is not a network of the model; it has \['net'"
-    ):
-        _fit(compose_config, EMA(target="unet"))
-
-
 class _Module(torch.nn.Module):
     """Just what the EMA callback reads of a LightningModule: the network and the device."""
 

@@ -150,12 +150,12 @@ def test_training_from_the_cache_never_runs_the_frozen_models(tiny_sd, tmp_path)
 
     model.vae.encode = forbidden
     model.text_encoder.forward = forbidden
-    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in model.net.state_dict().items()}
     trainer = bare_trainer(3, limit_val_batches=1, val_check_interval=3)
     trainer.fit(model, datamodule=cached)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
-    assert any(not torch.equal(unet_before[k], v) for k, v in model.unet.state_dict().items())
+    assert any(not torch.equal(unet_before[k], v) for k, v in model.net.state_dict().items())
 
 
 def test_a_missing_cache_names_prepare_data(tiny_sd, tmp_path):

@@ -5,10 +5,10 @@ import functools
 import pytest
 import torch
 
-from diffusion_lab.core import diffusion_loss, keyed_noise, keyed_timesteps, sample_keys
+from diffusion_lab.core import keyed_integers, keyed_normal, sample_keys, salted
+from diffusion_lab.core.random import TIMESTEP_SALT
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.models import LatentDiffusion
-from diffusion_lab.models.latent_diffusion import caption_dropout_mask
 from tests.conftest import bare_trainer
 
 
@@ -27,40 +27,48 @@ def _digits(batch_size=8):
 
 def test_fine_tuning_changes_only_the_unet(tiny_sd):
     model = _model(tiny_sd)
-    assert model.unet.training  # diffusers loads in eval mode; gradient checkpointing only acts in train mode
+    assert model.net.training  # diffusers loads in eval mode; gradient checkpointing only acts in train mode
     frozen_before = {
         k: v.clone() for k, v in {**model.vae.state_dict(), **model.text_encoder.state_dict()}.items()
     }
-    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in model.net.state_dict().items()}
     trainer = bare_trainer(3)
     trainer.fit(model, train_dataloaders=_digits().train_dataloader())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     frozen_after = {**model.vae.state_dict(), **model.text_encoder.state_dict()}
     assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
-    assert sum(not torch.equal(unet_before[k], v) for k, v in model.unet.state_dict().items()) > 0.9 * len(
+    assert sum(not torch.equal(unet_before[k], v) for k, v in model.net.state_dict().items()) > 0.9 * len(
         unet_before
     )
     model.train()  # what Lightning does at fit start: only the UNet switches to training mode
-    assert not model.vae.training and not model.text_encoder.training and model.unet.training
+    assert not model.vae.training and not model.text_encoder.training and model.net.training
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in model.unet.parameters()}
+    assert optimized == {id(p) for p in model.net.parameters()}
 
 
-def test_caption_dropout_rate_is_honoured_and_keyed():
-    ids = torch.arange(5000)
-    dropped = caption_dropout_mask(0, 7, ids, 0.1)
-    assert abs(dropped.float().mean().item() - 0.1) < 0.015
-    assert torch.equal(dropped, caption_dropout_mask(0, 7, ids, 0.1))
-    assert not torch.equal(dropped, caption_dropout_mask(0, 8, ids, 0.1))
-    assert not caption_dropout_mask(0, 7, ids, 0.0).any() and caption_dropout_mask(0, 7, ids, 1.0).all()
+def test_caption_dropout_rate_is_honoured_and_keyed(tiny_sd):
+    model = _model(tiny_sd)
+    ids = torch.arange(3000)
+    dropped = model.caption_dropped(sample_keys(0, 7, ids))
+    assert abs(dropped.float().mean().item() - 0.1) < 0.02
+    assert torch.equal(dropped, model.caption_dropped(sample_keys(0, 7, ids)))
+    assert not torch.equal(dropped, model.caption_dropped(sample_keys(0, 8, ids)))
+    model.hparams.caption_dropout = 0.0
+    assert not model.caption_dropped(sample_keys(0, 7, ids)).any()
 
 
 def test_dropped_captions_become_the_empty_prompt(tiny_sd):
-    model = _model(tiny_sd)
-    batch = {"caption": ["a handwritten digit 3", "a handwritten digit 5"], "index": torch.arange(2)}
-    context = model.text_context(batch, torch.tensor([True, False]))
-    torch.testing.assert_close(context[0], model.encode_text([""])[0])
-    torch.testing.assert_close(context[1], model.encode_text(["a handwritten digit 5"])[0])
+    model = _model(tiny_sd, caption_dropout=0.5)
+    batch = {"caption": ["a handwritten digit 3"] * 8, "index": torch.arange(8)}
+    keys = sample_keys(0, 0, batch["index"])
+    dropped = model.caption_dropped(keys)
+    assert dropped.any() and not dropped.all()
+    context = model.conditioning(batch, keys)["encoder_hidden_states"]
+    empty, caption = model.encode_text([""])[0], model.encode_text(["a handwritten digit 3"])[0]
+    for row, drop in zip(context, dropped.tolist(), strict=True):
+        torch.testing.assert_close(row, empty if drop else caption)
+    held_out = model.conditioning(batch)["encoder_hidden_states"]  # no keys: nothing dropped
+    torch.testing.assert_close(held_out, caption.expand_as(held_out))
 
 
 def test_v_prediction_target_matches_a_hand_computation(tiny_sd):
@@ -74,10 +82,10 @@ def test_v_prediction_target_matches_a_hand_computation(tiny_sd):
         def forward(self, sample, timestep, **kwargs):
             return type("Output", (), {"sample": torch.zeros_like(sample)})
 
-    loss = diffusion_loss(Zero(), model.noise_scheduler, latents, keys)
+    loss = model.objective.loss(Zero(), latents, keys)
     # By hand: v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0, with the same keyed eps and t.
-    t = keyed_timesteps(keys, 1000, latents.device)
-    eps = keyed_noise(keys, tuple(latents.shape[1:]), latents.device, latents.dtype)
+    t = keyed_integers(salted(keys, TIMESTEP_SALT), 1000, latents.device)
+    eps = keyed_normal(keys, tuple(latents.shape[1:]), latents.device, latents.dtype)
     abar = model.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = abar.sqrt() * eps - (1 - abar).sqrt() * latents
     torch.testing.assert_close(loss, (v**2).mean(), rtol=1e-5, atol=1e-6)
@@ -105,13 +113,13 @@ def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd
         == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
     model = instantiate(cfg.model)
-    assert model.unet.is_gradient_checkpointing and model.hparams.caption_dropout == 0.1
+    assert model.net.is_gradient_checkpointing and model.hparams.caption_dropout == 0.1
 
 
 def test_pixel_only_callbacks_fail_at_the_start_with_a_way_out(tiny_sd, compose_config, tmp_path):
     from diffusion_lab.commands.instantiate import build_run
 
-    cfg = compose_config("model=latent_diffusion", f"model.pretrained={tiny_sd}", "callbacks.ema.target=unet",
+    cfg = compose_config("model=latent_diffusion", f"model.pretrained={tiny_sd}",
                          "data.caption_template='a handwritten digit {label}'", "data.channels=3", "data.image_size=32")  # fmt: skip
     datamodule, model, trainer = build_run(cfg)
     with pytest.raises(

@@ -15,6 +15,7 @@ from diffusion_lab.core import (
     snr,
     training_target,
 )
+from diffusion_lab.core.weighting import PREDICTION_TYPES as WEIGHTED_TYPES
 
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 
@@ -78,11 +79,15 @@ def test_snr_falls_monotonically_and_is_zero_at_the_end_only_when_asked(schedule
 @given(
     snr_value=st.floats(1e-4, 1e4),
     gamma=st.floats(0.5, 20.0),
-    prediction_type=st.sampled_from(PREDICTION_TYPES),
+    prediction_type=st.sampled_from(WEIGHTED_TYPES),
 )
 def test_min_snr_weight_gives_min_snr_gamma_on_the_x0_error(snr_value, gamma, prediction_type):
-    # The MSE of each parametrisation is the x0-MSE times: SNR (epsilon), SNR + 1 (v), 1 (sample).
-    factor = {"epsilon": snr_value, "v_prediction": snr_value + 1.0, "sample": 1.0}[prediction_type]
+    # The MSE of each parametrisation is the x0-MSE times: SNR (epsilon), SNR + 1 (v), 1 (sample), and for the
+    # flow velocity 1 / t^2 where t = 1 / (1 + sqrt(SNR)) (x0 = x_t - t v).
+    t = 1 / (1 + snr_value**0.5)
+    factor = {"epsilon": snr_value, "v_prediction": snr_value + 1.0, "sample": 1.0, "flow_prediction": 1 / t**2}[
+        prediction_type
+    ]
     weight = min_snr_weights(torch.tensor([snr_value], dtype=torch.float64), gamma, prediction_type)
     assert weight.item() * factor == pytest.approx(min(snr_value, gamma), rel=1e-9)
 
@@ -92,6 +97,9 @@ def test_min_snr_weights_stay_finite_at_zero_terminal_snr():
     assert min_snr_weights(values, 5.0, "epsilon").tolist() == [1.0, 1.0, pytest.approx(0.05)]
     assert min_snr_weights(values, 5.0, "v_prediction").tolist() == [0.0, 0.5, pytest.approx(5.0 / 101.0)]
     assert min_snr_weights(values, None, "epsilon").tolist() == [1.0, 1.0, 1.0]
+    clean_and_noise = torch.tensor([float("inf"), 0.0])  # flow's t = 0 and t = 1
+    assert min_snr_weights(clean_and_noise, 5.0, "flow_prediction").tolist() == [0.0, 0.0]
+    assert min_snr_weights(clean_and_noise, float("inf"), "flow_prediction").tolist() == [1.0, 0.0]
 
 
 def test_unknown_prediction_type_is_named():

@@ -46,20 +46,18 @@ def test_loss_falls_on_a_fixed_batch(compose_config):
 
 
 def _fixed_key_loss(model, batch):
-    from diffusion_lab.core import diffusion_loss, sample_keys
+    from diffusion_lab.core import sample_keys
 
-    return diffusion_loss(
-        model.net, model.noise_scheduler, batch["pixels"], sample_keys(0, 0, batch["index"])
-    )
+    return model.objective.loss(model.net, batch["pixels"], sample_keys(0, 0, batch["index"]))
 
 
 def test_min_snr_and_v_prediction_train(compose_config):
     model, data = _tiny_model(
         compose_config,
-        "model.snr_gamma=5.0",
+        "model/objective/weighting=min_snr",
         "model.noise_scheduler.prediction_type=v_prediction",
         "model.noise_scheduler.rescale_betas_zero_snr=true",
-        "model.noise_offset=0.1",
+        "model.objective.noise_offset=0.1",
     )
     data.setup("fit")
     loss = model.training_step(next(iter(data.train_dataloader())), 0)
@@ -83,11 +81,11 @@ def test_compile_and_channels_last_keep_outputs_and_checkpoint_keys(compose_conf
     keys = list(model.state_dict())
     sample, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
-        expected = model.denoiser(sample, t).sample
-        apply_speed_settings(model.denoiser, compile={"backend": "eager"}, channels_last=True)
-        torch.testing.assert_close(model.denoiser(sample, t).sample, expected, atol=1e-5, rtol=1e-5)
+        expected = model.net(sample, t).sample
+        apply_speed_settings(model.net, compile={"backend": "eager"}, channels_last=True)
+        torch.testing.assert_close(model.net(sample, t).sample, expected, atol=1e-5, rtol=1e-5)
     assert list(model.state_dict()) == keys
-    assert model.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.set_float32_matmul_precision("highest")
 
 

@@ -159,7 +159,7 @@ def test_callback_scores_a_text_model_with_clip_score_from_captions(tiny_sd, tmp
         clip_model=str(clip),
         cache_dir=str(tmp_path / "cache"),
     )
-    bare_trainer(2, callbacks=[EMA(decay=0.5, target="unet"), quality]).fit(model, datamodule=data)
+    bare_trainer(2, callbacks=[EMA(decay=0.5), quality]).fit(model, datamodule=data)
     scores = quality.last_scores
     assert scores["step"] == 2 and scores["num_samples"] == 4 and scores["clip_score"] >= 0
     assert torch.isfinite(torch.tensor([scores["fid"], scores["kid_mean"]])).all()

@@ -41,7 +41,7 @@ def test_optuna_search_runs_three_trials_and_reports_the_best(tmp_path):
     cli("train", "-m", "hparams_search=digits_optuna", *FAST, "hydra.sweeper.n_trials=3",
         f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.lr", "model.noise_offset", "data.batch_size"}
+    assert set(best["best_params"]) == {"model.lr", "model.objective.noise_offset", "data.batch_size"}
     with (sweep / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3

@@ -48,7 +48,7 @@ def fine_tuned(tiny_sd, tmp_path_factory):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     run = tmp_path_factory.mktemp("sd_run")
-    ema = EMA(decay=0.5, target="unet")
+    ema = EMA(decay=0.5)
     grid = PromptGrid(
         run / "samples", PROMPTS, seeds=[0, 1, 2], guidance_scale=3.0, num_inference_steps=2, every_n_steps=2
     )
@@ -80,11 +80,11 @@ def test_export_loads_with_from_pretrained_and_answers_prompts_with_three_schedu
     model, ema, _ = fine_tuned
     with ema.averaged_weights(model):
         model.save_pipeline(tmp_path / "pipeline")
-        ema_output = _unet_output(model.unet)
+        ema_output = _unet_output(model.net)
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     torch.testing.assert_close(_unet_output(pipeline.unet), ema_output)  # the EMA UNet was exported
-    assert not torch.allclose(_unet_output(model.unet), ema_output)
+    assert not torch.allclose(_unet_output(model.net), ema_output)
     for scheduler_class in (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler):
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
         images = pipeline(
@@ -109,12 +109,12 @@ def test_checkpoints_hold_the_unet_not_the_frozen_parts_and_export_from_them(fin
     model, ema, run = fine_tuned
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     prefixes = {key.split(".")[0] for key in checkpoint["state_dict"]}
-    assert prefixes == {"unet"}
+    assert prefixes == {"net"}
     result = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "exported")
     assert result["used_ema"] and result["global_step"] == 4
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "exported")
     with ema.averaged_weights(model):
-        torch.testing.assert_close(_unet_output(pipeline.unet), _unet_output(model.unet))
+        torch.testing.assert_close(_unet_output(pipeline.unet), _unet_output(model.net))
     assert all(
         torch.equal(a, b) for a, b in zip(pipeline.vae.parameters(), model.vae.parameters(), strict=True)
     )
@@ -122,15 +122,15 @@ def test_checkpoints_hold_the_unet_not_the_frozen_parts_and_export_from_them(fin
 
 def test_lora_trains_only_the_adapters_and_loads_into_a_diffusers_pipeline(tiny_sd, tmp_path):
     model = _model(tiny_sd, lora_rank=4, lora_alpha=16)  # scale 4: lost without the adapter metadata
-    base = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora" not in k}
-    lora_before = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora" in k}
-    assert lora_before and all("lora" in n for n, p in model.unet.named_parameters() if p.requires_grad)
+    base = {k: v.clone() for k, v in model.net.state_dict().items() if "lora" not in k}
+    lora_before = {k: v.clone() for k, v in model.net.state_dict().items() if "lora" in k}
+    assert lora_before and all("lora" in n for n, p in model.net.named_parameters() if p.requires_grad)
     trainer = bare_trainer(3)
     trainer.fit(model, train_dataloaders=_digits().train_dataloader())
-    after = model.unet.state_dict()
+    after = model.net.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)
     assert any(not torch.equal(lora_before[k], after[k]) for k in lora_before)
-    trained_output = _unet_output(model.unet)
+    trained_output = _unet_output(model.net)
 
     model.save_pipeline(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
@@ -166,9 +166,9 @@ def test_an_sd_export_samples_with_ddim_on_the_training_schedule_by_default(fine
 
 def test_sdpa_and_eager_attention_compute_the_same_unet(tiny_sd):
     sdpa, eager = _model(tiny_sd, attention="sdpa"), _model(tiny_sd, attention="eager")
-    assert type(next(iter(sdpa.unet.attn_processors.values()))).__name__ == "AttnProcessor2_0"
-    assert type(next(iter(eager.unet.attn_processors.values()))).__name__ == "AttnProcessor"
-    torch.testing.assert_close(_unet_output(sdpa.unet), _unet_output(eager.unet), rtol=1e-4, atol=1e-5)
+    assert type(next(iter(sdpa.net.attn_processors.values()))).__name__ == "AttnProcessor2_0"
+    assert type(next(iter(eager.net.attn_processors.values()))).__name__ == "AttnProcessor"
+    torch.testing.assert_close(_unet_output(sdpa.net), _unet_output(eager.net), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="eager"):
         _model(tiny_sd, attention="flash")
 
@@ -187,5 +187,5 @@ def test_vae_stays_float32_under_a_bfloat16_trainer(tiny_sd):
     model = _model(tiny_sd)
     trainer = bare_trainer(1, precision="bf16-true")
     trainer.fit(model, train_dataloaders=_digits().train_dataloader())
-    assert model.vae.dtype == torch.float32 and model.unet.dtype == torch.bfloat16
+    assert model.vae.dtype == torch.float32 and model.net.dtype == torch.bfloat16
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -3,16 +3,20 @@ the export, CFG rescale at sampling, epsilon refused."""
 
 from unittest import mock
 
+import functools
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from hydra.utils import instantiate
 
+from diffusion_lab.core import DDPM
 from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.generation.samplers import TextToImageSampler
 from tests.conftest import TINY
 
-ZERO_SNR = ["model.zero_terminal_snr=true", "model.noise_scheduler.prediction_type=v_prediction"]
+ZERO_SNR_DDPM = functools.partial(DDPM, zero_terminal_snr=True)
+ZERO_SNR = ["model.objective.zero_terminal_snr=true", "model.noise_scheduler.prediction_type=v_prediction"]
 
 
 def _first_timestep(sampler, name: str, steps: int = 50) -> int:
@@ -56,10 +60,10 @@ def test_epsilon_with_zero_terminal_snr_is_refused(compose_config, tiny_sd):
     from diffusion_lab.models import LatentDiffusion
 
     with pytest.raises(Exception, match="v_prediction") as raised:
-        instantiate(compose_config(*TINY, "model.zero_terminal_snr=true").model)
+        instantiate(compose_config(*TINY, "model.objective.zero_terminal_snr=true").model)
     assert isinstance(raised.value.__cause__, ConfigError)
     with pytest.raises(ConfigError, match="v_prediction"):
-        LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, zero_terminal_snr=True)
+        LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=ZERO_SNR_DDPM)
 
 
 def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_prediction_type_unset(
@@ -83,7 +87,7 @@ def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_predict
         optimizer=torch.optim.AdamW,
         lr=1e-3,
         prediction_type="v_prediction",
-        zero_terminal_snr=True,
+        objective=ZERO_SNR_DDPM,
     )
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     assert model.noise_scheduler.config.rescale_betas_zero_snr
@@ -106,7 +110,7 @@ def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
         return mock.Mock(images=torch.zeros(len(prompt), 3, 32, 32))
 
     def run(zero_snr: bool, given: float | None, call) -> None:
-        sampler = TextToImageSampler(LatentDiffusion(**settings, zero_terminal_snr=zero_snr).pipeline())
+        sampler = TextToImageSampler(LatentDiffusion(**settings, objective=functools.partial(DDPM, zero_terminal_snr=zero_snr)).pipeline())
         with mock.patch.object(StableDiffusionPipeline, "__call__", call):
             sampler.generate([0], SampleSettings(steps=2, guidance_rescale=given), prompts=["a digit"])
 

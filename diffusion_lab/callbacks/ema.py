@@ -9,7 +9,7 @@ from diffusers.training_utils import EMAModel
 
 
 class EMA(L.Callback):
-    """Average the trainable weights of `pl_module.<target>` (never a frozen VAE or text encoder; of a LoRA
+    """Average the trainable weights of `pl_module.net` (never a frozen VAE or text encoder; of a LoRA
     UNet, the adapters).
 
     Every rank keeps its own copy; DDP keeps the weights identical across ranks, so the copies are too, and
@@ -31,7 +31,6 @@ class EMA(L.Callback):
         inv_gamma: float = 1.0,
         power: float = 2 / 3,
         min_decay: float = 0.0,
-        target: str = "net",
         validate_with_ema: bool = True,
     ) -> None:
         self.hyperparameters = dict(
@@ -43,7 +42,6 @@ class EMA(L.Callback):
             min_decay=float(min_decay),
         )
         self.update_every = update_every
-        self.target = target
         self.validate_with_ema = validate_with_ema
         self.ema: EMAModel | None = None
         self._state_to_load: dict | None = None
@@ -56,13 +54,7 @@ class EMA(L.Callback):
         return "EMA"
 
     def parameters(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        network = getattr(pl_module, self.target, None)
-        if not isinstance(network, torch.nn.Module):
-            children = [name for name, _ in pl_module.named_children()]
-            raise ValueError(
-                f"callbacks.ema.target={self.target!r} is not a network of the model; it has {children}"
-            )
-        return [parameter for parameter in network.parameters() if parameter.requires_grad]
+        return [parameter for parameter in pl_module.net.parameters() if parameter.requires_grad]
 
     def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
         if self.ema is None:
@@ -125,11 +117,10 @@ class EMA(L.Callback):
         self.on_validation_end(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        # `target` names the network the shadow weights belong to (what `diffusion-lab export` loads them into).
-        return {**self.ema.state_dict(), "target": self.target} if self.ema is not None else {}
+        return self.ema.state_dict() if self.ema is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = {k: v for k, v in state_dict.items() if k != "target"}
+        state_dict = {k: v for k, v in state_dict.items() if k != "target"}  # written by older versions
         if state_dict:
             self._state_to_load = state_dict
             if self.ema is not None:  # restored after setup (FSDP, DeepSpeed): keep it on the weights' device

@@ -26,4 +26,4 @@ class PipelineExport(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with ema_weights(trainer, pl_module):
-            write_pipeline(self.dirpath, [pl_module.denoiser], pl_module.save_pipeline)
+            write_pipeline(self.dirpath, [pl_module.net], pl_module.save_pipeline)

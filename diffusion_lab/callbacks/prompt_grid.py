@@ -27,7 +27,7 @@ class PromptGrid(L.Callback):
         seeds: list[int] = (0, 1, 2, 3),
         guidance_scale: float = 7.5,
         negative_prompt: str | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         num_inference_steps: int = 25,
         every_n_steps: int = 500,
     ) -> None:

@@ -26,7 +26,7 @@ class SampleGrid(L.Callback):
         self,
         dirpath: str,
         num_images: int = 64,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         num_inference_steps: int = 50,
         seed: int = 0,
     ) -> None:

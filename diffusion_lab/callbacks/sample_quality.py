@@ -53,7 +53,7 @@ class SampleQuality(L.Callback):
         every_n_steps: int = 5000,
         num_samples: int = 1000,
         batch_size: int = 64,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         seed: int = 0,

@@ -30,7 +30,7 @@ def bench_latent_cache(cfg: DictConfig) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
     ).to(device)  # fmt: skip
     model.log = lambda *args, **kwargs: None  # no Trainer here: both sides run the same training_step
-    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=1e-5)
     images = digits(cfg.image_size, cfg.batch_size)
     images.setup("fit")
     uncached = to_device(default_collate([images.train_set[i] for i in range(cfg.batch_size)]), device)

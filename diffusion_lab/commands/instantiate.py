@@ -60,7 +60,7 @@ def build_run(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule
             cfg.model.lr = lr
     model = instantiate(cfg.model)
     apply_speed_settings(
-        model.denoiser, compile=cfg.get("compile", False), channels_last=cfg.get("channels_last", False),
+        model.net, compile=cfg.get("compile", False), channels_last=cfg.get("channels_last", False),
         matmul_precision=cfg.get("matmul_precision", "highest"),
     )  # fmt: skip
     return datamodule, model, trainer

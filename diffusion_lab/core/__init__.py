@@ -1,35 +1,51 @@
-"""The noise-process core: pure functions shared by the pixel and latent paths.
+"""The diffusion core: objectives (`objectives`), timestep samplers (`timesteps`), loss weightings (`weighting`),
+keyed randomness (`random`) and the sampling loop.
 
-Imports neither Lightning nor Hydra, so it can be read and tested on its own.
+Pure PyTorch + diffusers, no Lightning or Hydra, so it can be read and tested on its own.
 """
 
-from diffusion_lab.core.loss import diffusion_loss, held_out_draws, validation_timesteps
 from diffusion_lab.core.noise_process import (
     PREDICTION_TYPES,
-    min_snr_weights,
     predicted_epsilon,
     predicted_x0,
     signal_and_noise_scales,
     snr,
     training_target,
 )
-from diffusion_lab.core.random import keyed_gaussian_sample, keyed_noise, keyed_timesteps, sample_keys
+from diffusion_lab.core.objectives import DDPM, FlowMatching, Objective
+from diffusion_lab.core.random import (
+    keyed_coin,
+    keyed_gaussian_sample,
+    keyed_integers,
+    keyed_normal,
+    keyed_uniform,
+    sample_keys,
+    salted,
+)
 from diffusion_lab.core.sampling import sample_images
+from diffusion_lab.core.timesteps import TimestepSampler
+from diffusion_lab.core.weighting import NoiseLevels, Weighting, min_snr_weights
 
 __all__ = [
+    "DDPM",
     "PREDICTION_TYPES",
-    "diffusion_loss",
-    "held_out_draws",
+    "FlowMatching",
+    "NoiseLevels",
+    "Objective",
+    "TimestepSampler",
+    "Weighting",
+    "keyed_coin",
     "keyed_gaussian_sample",
-    "keyed_noise",
-    "keyed_timesteps",
+    "keyed_integers",
+    "keyed_normal",
+    "keyed_uniform",
     "min_snr_weights",
     "predicted_epsilon",
     "predicted_x0",
     "sample_images",
     "sample_keys",
+    "salted",
     "signal_and_noise_scales",
     "snr",
     "training_target",
-    "validation_timesteps",
 ]

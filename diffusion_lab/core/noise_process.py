@@ -70,22 +70,3 @@ def predicted_epsilon(
     if prediction_type == "sample":
         return (x_t - alpha * output) / sigma
     return sigma * x_t + alpha * output
-
-
-def min_snr_weights(snr_values: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv:2303.09556), per prediction type.
-
-    The paper's weight is min(SNR, gamma) on the x0-MSE. Each parametrisation's MSE is the x0-MSE times a
-    factor (epsilon: SNR, v: SNR + 1, sample: 1), so the weight on *that* MSE divides it out. Dividing by
-    SNR for v-prediction too is the bug of diffusers issue 9451. Written as a clamp so a zero terminal SNR
-    gives the limit (1 for epsilon) instead of 0/0.
-    """
-    _check_prediction_type(prediction_type)
-    if gamma is None:
-        return torch.ones_like(snr_values)
-    clipped = torch.clamp(snr_values, max=gamma)
-    if prediction_type == "epsilon":
-        return torch.clamp(gamma / snr_values, max=1.0)
-    if prediction_type == "v_prediction":
-        return clipped / (snr_values + 1.0)
-    return clipped

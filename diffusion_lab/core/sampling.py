@@ -24,7 +24,7 @@ def sample_images(
 ) -> torch.Tensor:
     """Denoise Gaussian noise into `num_images` samples in [-1, 1] (unclipped network scale).
 
-    `scheduler` is any diffusers scheduler; it is set to `num_inference_steps` in place. A list of
+    `scheduler` is any diffusers scheduler that fits how `net` was trained (DDPM-family or flow-matching); it is set to `num_inference_steps` in place. A list of
     generators (one per image) makes each image depend on its own seed only, not on its batch. `eta` reaches
     the schedulers that take one (DDIM).
     """
@@ -32,7 +32,9 @@ def sample_images(
     images = randn_tensor(
         (num_images, *sample_shape), generator=generator, device=torch.device(device), dtype=dtype
     )
-    images = images * scheduler.init_noise_sigma
+    # Flow-matching schedulers start from unit-variance noise and scale no inputs (no such attributes).
+    images = images * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     extra = {} if class_labels is None else {"class_labels": class_labels.to(device)}
     # Only stochastic schedulers take a generator, only DDIM an eta (as diffusers' own pipelines check).
     step_parameters = inspect.signature(scheduler.step).parameters
@@ -40,7 +42,7 @@ def sample_images(
     if "eta" in step_parameters:
         step_kwargs["eta"] = eta
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        model_input = scheduler.scale_model_input(images, t)
+        model_input = scale_input(images, t)
         output = net(model_input, t, **extra).sample
         images = scheduler.step(output, t, images, **step_kwargs).prev_sample
     return images

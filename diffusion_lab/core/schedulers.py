@@ -21,10 +21,43 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def check_scheduler_name(name: str) -> str:
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+# The same words for a flow-matching model (rectified flow, velocity prediction): the flow variants.
+FLOW_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+# What `scheduler: null` (the default of `sample` and the callbacks) means for each family.
+DEFAULT_SCHEDULER = {"ddpm": "ddim", "flow": "euler"}
+
+
+def check_scheduler_name(name: str | None) -> str | None:
+    """A name some model can sample with (None: the model's default); whether it fits *this* model is
+    decided when the scheduler is built (`scheduler_from_name`)."""
+    if name is not None and name not in SCHEDULERS and name not in FLOW_SCHEDULERS:
+        valid = ", ".join(dict.fromkeys([*SCHEDULERS, *FLOW_SCHEDULERS]))
+        raise ValueError(f"unknown scheduler {name!r}; valid names: {valid}")
     return name
+
+
+def flow_settings(config) -> dict | None:
+    """{num_train_timesteps, shift} when a scheduler config describes a flow-matching schedule (a
+    FlowMatch* scheduler, or a multistep solver with flow sigmas, as exported pipelines carry); else None."""
+    config = dict(config)
+    if config.get("use_flow_sigmas"):
+        return {"num_train_timesteps": config["num_train_timesteps"], "shift": config.get("flow_shift", 1.0)}
+    if "shift" in config and "beta_schedule" not in config:
+        return {"num_train_timesteps": config["num_train_timesteps"], "shift": config["shift"]}
+    return None
+
+
+def schedulers_for(training_config) -> list[str]:
+    """The sampler names that fit a model trained with this scheduler config."""
+    return list(FLOW_SCHEDULERS if flow_settings(training_config) else SCHEDULERS)
 
 
 def explicit_config(config) -> dict:
@@ -35,10 +68,21 @@ def explicit_config(config) -> dict:
     return {key: value for key, value in dict(config).items() if key != "_use_default_values"}
 
 
-def scheduler_from_name(name: str, training_config: dict, **overrides):
+def scheduler_from_name(name: str | None, training_config: dict, **overrides):
     """A sampling scheduler of the named kind, sharing the training schedule's betas and parametrisation (so the
-    same model samples the same way from a checkpoint and from its exported pipeline)."""
+    same model samples the same way from a checkpoint and from its exported pipeline). A flow-matching model
+    gets the flow variant of the name, with its shift; a name that does not fit the model is refused with
+    those that do. None picks the model's default (DDIM, or flow-match Euler)."""
     check_scheduler_name(name)
+    flow = flow_settings(training_config)
+    if name is None:
+        name = DEFAULT_SCHEDULER["flow" if flow else "ddpm"]
+    if flow is not None:
+        return _flow_scheduler(name, flow, overrides)
+    if name not in SCHEDULERS:
+        raise ConfigError(
+            f"scheduler {name!r} does not fit a DDPM-trained model; use one of {', '.join(SCHEDULERS)}"
+        )
     class_name, variant = SCHEDULERS[name]
     scheduler_class = getattr(diffusers, class_name)
     if has_zero_terminal_snr(training_config) and not _supports_zero_terminal_snr(scheduler_class):
@@ -52,6 +96,21 @@ def scheduler_from_name(name: str, training_config: dict, **overrides):
             f"rescale_betas_zero_snr and would divide by the last step's zero signal); use one of {', '.join(fitting)}"
         )
     return scheduler_class.from_config(explicit_config(training_config), **{**variant, **overrides})
+
+
+def _flow_scheduler(name: str, flow: dict, overrides: dict):
+    if name not in FLOW_SCHEDULERS:
+        raise ConfigError(
+            f"scheduler {name!r} does not fit a flow-matching model (it samples the DDPM noise process); "
+            f"use one of {', '.join(FLOW_SCHEDULERS)}"
+        )
+    class_name, variant = FLOW_SCHEDULERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    if variant.get("use_flow_sigmas"):  # the multistep solvers call the shift flow_shift
+        settings = {"num_train_timesteps": flow["num_train_timesteps"], "flow_shift": flow["shift"]}
+    else:
+        settings = dict(flow)
+    return scheduler_class.from_config({**settings, **variant, **overrides})
 
 
 def _supports_zero_terminal_snr(scheduler_class) -> bool:

@@ -87,5 +87,5 @@ def load_sampler(
 
 def _finite(sampler: Sampler, pretrained: str) -> Sampler:
     """A diverged model would sample black images and exit 0: refuse it."""
-    require_finite_modules([sampler.denoiser], f"to sample from {pretrained}")
+    require_finite_modules([sampler.net], f"to sample from {pretrained}")
     return sampler

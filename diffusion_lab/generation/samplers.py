@@ -18,7 +18,7 @@ from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_
 class SampleSettings:
     """How to sample, independent of what: the knobs both the `sample` command and callbacks expose."""
 
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's default (DDIM; flow-match Euler for a flow model)
     steps: int = 50
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 as stochastic as DDPM
     guidance_scale: float = 7.5  # text models: classifier-free guidance
@@ -37,7 +37,7 @@ class Sampler(Protocol):
 
     kind: str  # "pixel" or "text"
     num_classes: int | None  # class-conditional pixel models
-    denoiser: torch.nn.Module  # the network that predicts the noise
+    net: torch.nn.Module  # the trained network
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Sampler": ...
 
@@ -65,10 +65,6 @@ class PixelSampler:
 
     def __init__(self, net: torch.nn.Module, noise_scheduler) -> None:
         self.net, self.noise_scheduler = net, noise_scheduler
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.net
 
     @property
     def num_classes(self) -> int | None:
@@ -132,7 +128,7 @@ class TextToImageSampler:
         self.training_scheduler_config = pipeline.scheduler.config
 
     @property
-    def denoiser(self) -> torch.nn.Module:
+    def net(self) -> torch.nn.Module:
         return self.pipeline.unet
 
     @property
@@ -147,7 +143,12 @@ class TextToImageSampler:
         return self
 
     def scheduler(self, settings: SampleSettings):
-        return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
+        scheduler = scheduler_from_name(settings.scheduler, self.training_scheduler_config)
+        if not hasattr(scheduler, "scale_model_input"):
+            # Flow-match Euler / Heun scale no inputs and so have no such method; Stable Diffusion's pipeline
+            # calls it every step.
+            scheduler.scale_model_input = lambda sample, *args, **kwargs: sample
+        return scheduler
 
     def guidance_options(self, settings: SampleSettings) -> dict:
         """`guidance_rescale` for the pipeline call: 0.7 (the paper's value) for a zero-terminal-SNR model unless

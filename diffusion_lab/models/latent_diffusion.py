@@ -4,38 +4,27 @@ import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline
 
-from diffusion_lab.core import diffusion_loss, held_out_draws, keyed_gaussian_sample, sample_keys
-from diffusion_lab.core.random import mix_key
-from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_name, with_zero_terminal_snr
+from diffusion_lab.core.random import CAPTION_DROPOUT_SALT, keyed_coin, keyed_gaussian_sample, salted
+from diffusion_lab.core.schedulers import scheduler_from_name
 from diffusion_lab.dtypes import dtype_from_name
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.models.attention import set_attention
+from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
-from diffusion_lab.models.optimization import configure_optimizer
+from diffusion_lab.models.serialization import current_key, describe_components
 from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_and_scheduler, token_ids
-
-_CAPTION_DROPOUT_SALT = 0xCA7
-
 
 def _public(config) -> dict:
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
-def caption_dropout_mask(seed: int, step: int, sample_ids: torch.Tensor, p: float) -> torch.Tensor:
-    """True where an image's caption is replaced by the empty prompt, with probability p, so the UNet also
-    learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022,
-    arXiv:2207.12598). Keyed per image like the noise, so the choice survives resume."""
-    uniforms = [
-        (mix_key(seed ^ _CAPTION_DROPOUT_SALT, step, int(i)) >> 10) / 2**53 for i in sample_ids.tolist()
-    ]
-    return torch.tensor(uniforms, dtype=torch.float64) < p
-
-
-class LatentDiffusion(L.LightningModule):
-    """Owns tokenizer, text encoder, VAE, UNet, noise scheduler, the loss and the optimizer.
+class LatentDiffusion(DiffusionModel):
+    """Tokenizer, text encoder and VAE (frozen) around the trainable UNet `net`; x0 is the VAE's scaled
+    latents, the conditioning the text encoder's states (the empty prompt's with probability
+    `caption_dropout`). The objective starts from the checkpoint's noise scheduler.
 
     Everything loads with `from_pretrained(pretrained, subfolder=...)`: a hub id
     (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local folder in the same layout (`diffusion-lab
@@ -53,10 +42,9 @@ class LatentDiffusion(L.LightningModule):
         lr: float,
         lr_scheduler: Callable | None = None,
         revision: str | None = None,
+        objective: ObjectiveFactory | None = None,
         prediction_type: str | None = None,
         caption_dropout: float = 0.1,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
         noise_seed: int = 0,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
@@ -65,40 +53,38 @@ class LatentDiffusion(L.LightningModule):
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
         val_timestep_levels: int = 10,
-        zero_terminal_snr: bool = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         parts = {**load_text_and_vae(pretrained, revision), **load_unet_and_scheduler(pretrained, revision)}
+        noise_scheduler = parts["noise_scheduler"]
+        base_scheduler_config = dict(noise_scheduler.config)
+        if prediction_type is not None:  # e.g. fine-tune an epsilon model into v-prediction
+            noise_scheduler.register_to_config(prediction_type=prediction_type)
+        super().__init__(
+            noise_scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels
+        )
+        if prediction_type is not None and self.objective.family != "ddpm":
+            raise ConfigError(
+                f"model.prediction_type={prediction_type!r} applies to model/objective=ddpm; "
+                f"{type(self.objective).__name__} always predicts the velocity eps - x0: set model.prediction_type=null"
+            )
+        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
+        self._base_scheduler_config = base_scheduler_config
         self.tokenizer = parts["tokenizer"]
         self.text_encoder = parts["text_encoder"]
         self.vae = parts["vae"]
-        self.unet = parts["unet"]
-        self.noise_scheduler = parts["noise_scheduler"]
-        self._base_scheduler_config = dict(self.noise_scheduler.config)
-        if prediction_type is not None:  # e.g. fine-tune an epsilon model into v-prediction
-            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
-        if zero_terminal_snr or has_zero_terminal_snr(self.noise_scheduler.config):
-            self.noise_scheduler = with_zero_terminal_snr(self.noise_scheduler)
+        self.net = parts["unet"]
         self._vae_dtype = dtype_from_name(vae_dtype)
         self.on_fit_start()
         # from_pretrained returns eval-mode modules and Lightning keeps the modes it finds: the UNet must be
         # in train mode, or diffusers skips gradient checkpointing.
-        self.unet.train()
-        set_attention(self.unet, attention)
+        self.net.train()
+        set_attention(self.net, attention)
         if lora_rank is not None:
-            add_lora(self.unet, lora_rank, lora_alpha, lora_target_modules)
+            add_lora(self.net, lora_rank, lora_alpha, lora_target_modules)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+            self.net.enable_gradient_checkpointing()
 
     # ---- frozen parts -------------------------------------------------------------------------------
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        """The network that predicts the noise (what `compile` and `channels_last` apply to)."""
-        return self.unet
-
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode at fit start; the frozen parts stay in eval.
         super().train(mode)
@@ -138,19 +124,28 @@ class LatentDiffusion(L.LightningModule):
         return self.text_encoder(ids)[0]
 
     # ---- what the UNet sees -------------------------------------------------------------------------
-    def latents(self, batch: dict, keys: list[int]) -> torch.Tensor:
+    def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
+        """Scaled latents: sampled from cached (mean, std), or from the VAE run on `pixels`."""
         if "latent_mean" in batch:  # cached: the VAE never runs
             latents = self.scale_latents(
                 keyed_gaussian_sample(batch["latent_mean"], batch["latent_std"], keys)
             )
         else:
             latents = self.encode_images(batch["pixels"], keys)
-        return latents.to(self.unet.dtype)
+        return latents.to(self.net.dtype)
 
-    def text_context(self, batch: dict, dropped: torch.Tensor | None = None) -> torch.Tensor:
-        """Caption embeddings, the empty prompt's where `dropped`."""
-        if dropped is None:
-            dropped = torch.zeros(len(batch["index"]), dtype=torch.bool)
+    def caption_dropped(self, keys: list[int]) -> torch.Tensor:
+        """True where an image's caption is replaced by the empty prompt, with probability `caption_dropout`,
+        so the UNet also learns the unconditional prediction that classifier-free guidance needs (Ho &
+        Salimans 2022, arXiv:2207.12598). Keyed per image like the noise, so the choice survives resume."""
+        return keyed_coin(salted(keys, CAPTION_DROPOUT_SALT), self.hparams.caption_dropout)
+
+    def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
+        """Caption embeddings as the UNet's cross-attention context; in training (`keys` given) some are
+        dropped to the empty prompt's."""
+        dropped = torch.zeros(len(batch["index"]), dtype=torch.bool)
+        if keys is not None:
+            dropped = self.caption_dropped(keys)
         if "text_embedding" in batch:  # cached: the text encoder never runs
             mask = dropped.to(batch["text_embedding"].device).view(-1, 1, 1)
             context = torch.where(mask, batch["empty_text_embedding"], batch["text_embedding"])
@@ -160,46 +155,7 @@ class LatentDiffusion(L.LightningModule):
                 for caption, drop in zip(batch["caption"], dropped.tolist(), strict=True)
             ]
             context = self.encode_text(captions)
-        return context.to(self.unet.dtype)
-
-    # ---- training -----------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        h = self.hparams
-        keys = sample_keys(h.noise_seed, self.global_step, batch["index"])
-        dropped = caption_dropout_mask(h.noise_seed, self.global_step, batch["index"], h.caption_dropout)
-        loss = diffusion_loss(
-            self.unet,
-            self.noise_scheduler,
-            self.latents(batch, keys),
-            keys,
-            snr_gamma=h.snr_gamma,
-            noise_offset=h.noise_offset,
-            encoder_hidden_states=self.text_context(batch, dropped),
-        )
-        self.log(
-            "train/loss", loss, prog_bar=True, sync_dist=True
-        )  # the mean over all ranks: the whole batch
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        keys, timesteps = held_out_draws(
-            self.hparams.noise_seed, batch["index"], self.noise_scheduler.config.num_train_timesteps,
-            self.hparams.val_timestep_levels,
-        )  # fmt: skip
-        loss = diffusion_loss(
-            self.unet,
-            self.noise_scheduler,
-            self.latents(batch, keys),
-            keys,
-            timesteps=timesteps,
-            encoder_hidden_states=self.text_context(batch),
-        )
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
-
-    def configure_optimizers(self):
-        return configure_optimizer(
-            self.unet.parameters(), self.optimizer_factory, self.hparams.lr, self.lr_scheduler_factory
-        )
+        return {"encoder_hidden_states": context.to(self.net.dtype)}
 
     # ---- checkpoints: the trainable weights only ----------------------------------------------------
     def _frozen_names(self) -> set[str]:
@@ -207,27 +163,32 @@ class LatentDiffusion(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen weights are the pretrained ones: reloaded from `pretrained`, not copied into every
-        # checkpoint (SD 1.5: 0.8 GB of VAE and text encoder per file).
+        # checkpoint (SD 1.5: 0.8 GB of VAE and text encoder per file). The objective's scheduler is kept,
+        # so sampling and export know a flow model from a DDPM one.
         frozen = self._frozen_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["noise_scheduler"] = describe_components(noise_scheduler=self.noise_scheduler)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         frozen = self._frozen_names()
         current = self.state_dict()
-        checkpoint["state_dict"] = {**{k: current[k] for k in frozen}, **checkpoint["state_dict"]}
+        trained = {current_key(key): value for key, value in checkpoint["state_dict"].items()}
+        checkpoint["state_dict"] = {**{k: current[k] for k in frozen}, **trained}
 
     # ---- using the result ---------------------------------------------------------------------------
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
         """A StableDiffusionPipeline over this module's own parts (no copies)."""
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.net,
             scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )  # fmt: skip
 
     def sampling_scheduler(self) -> SchedulerMixin:
-        """What exports carry: DDIM on the training schedule (see `save_pipeline`)."""
-        return scheduler_from_name("ddim", self.noise_scheduler.config)
+        """What exports carry: DDIM on the training schedule (see `save_pipeline`); for a flow model
+        DPM-Solver++ with flow sigmas (FlowMatchEulerDiscreteScheduler has no `scale_model_input`, which
+        StableDiffusionPipeline calls every step)."""
+        return scheduler_from_name("ddim" if self.objective.family == "ddpm" else "dpm++", self.noise_scheduler.config)
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """A full fine-tune: the StableDiffusionPipeline folder, whose scheduler is DDIM on the training schedule
@@ -236,8 +197,8 @@ class LatentDiffusion(L.LightningModule):
         training). LoRA: the adapters in the diffusers LoRA format with their rank, alpha and targets, for
         `DiffusionPipeline.from_pretrained(<pretrained>).load_lora_weights(out_dir)`, plus that DDIM scheduler
         when the training schedule differs from the base model's (e.g. `prediction_type=v_prediction`)."""
-        if has_lora(self.unet):
+        if has_lora(self.net):
             changed = _public(self.noise_scheduler.config) != _public(self._base_scheduler_config)
-            return save_lora(self.unet, out_dir, scheduler=self.sampling_scheduler() if changed else None)
+            return save_lora(self.net, out_dir, scheduler=self.sampling_scheduler() if changed else None)
         self.pipeline(scheduler=self.sampling_scheduler()).save_pretrained(out_dir)
         return Path(out_dir)

@@ -1,25 +1,20 @@
-"""Pixel-space DDPM as a LightningModule on diffusers parts."""
+"""Pixel-space diffusion as a LightningModule on diffusers parts."""
 
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from diffusion_lab.core import diffusion_loss, held_out_draws, sample_keys
-from diffusion_lab.core.schedulers import has_zero_terminal_snr, with_zero_terminal_snr
-from diffusion_lab.models.optimization import configure_optimizer
+from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 from diffusion_lab.models.serialization import describe_components
 from diffusion_lab.pipelines.pixel import save_pixel_pipeline
 
 
-class PixelDiffusion(L.LightningModule):
-    """Owns the denoiser, its noise scheduler, the loss and the optimizer; nothing else.
-
-    Batches are dicts with `pixels` in [-1, 1], `index` (dataset position, keys the noise) and, for a
-    class-conditional net (`num_class_embeds`), `label`.
-    """
+class PixelDiffusion(DiffusionModel):
+    """A UNet2DModel trained on pixels: x0 is the batch's `pixels` in [-1, 1]; a class-conditional net
+    (`num_class_embeds`) also gets the batch's `label`. `objective` (a partial taking the noise scheduler)
+    picks DDPM or flow matching; its default is DDPM on `noise_scheduler`."""
 
     def __init__(
         self,
@@ -28,67 +23,25 @@ class PixelDiffusion(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr: float,
         lr_scheduler: Callable | None = None,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
+        objective: ObjectiveFactory | None = None,
         noise_seed: int = 0,
         val_timestep_levels: int = 10,
-        zero_terminal_snr: bool = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["net", "noise_scheduler", "optimizer", "lr_scheduler"])
+        super().__init__(
+            noise_scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels
+        )
+        self.save_hyperparameters(ignore=["net", "noise_scheduler", "objective", "optimizer", "lr_scheduler"])
         self.net = net
-        if zero_terminal_snr or has_zero_terminal_snr(noise_scheduler.config):
-            noise_scheduler = with_zero_terminal_snr(noise_scheduler)
-        self.noise_scheduler = noise_scheduler
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
 
-    @property
-    def denoiser(self) -> UNet2DModel:
-        """The network that predicts the noise (what `compile` and `channels_last` apply to)."""
-        return self.net
+    def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
+        return batch["pixels"]
 
-    def _conditioning(self, batch: dict) -> dict:
+    def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
         return {"class_labels": batch["label"]} if self.net.config.num_class_embeds else {}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        keys = sample_keys(self.hparams.noise_seed, self.global_step, batch["index"])
-        loss = diffusion_loss(
-            self.net,
-            self.noise_scheduler,
-            batch["pixels"],
-            keys,
-            snr_gamma=self.hparams.snr_gamma,
-            noise_offset=self.hparams.noise_offset,
-            **self._conditioning(batch),
-        )
-        self.log(
-            "train/loss", loss, prog_bar=True, sync_dist=True
-        )  # the mean over all ranks: the whole batch
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        keys, timesteps = held_out_draws(
-            self.hparams.noise_seed, batch["index"], self.noise_scheduler.config.num_train_timesteps,
-            self.hparams.val_timestep_levels,
-        )  # fmt: skip
-        loss = diffusion_loss(
-            self.net,
-            self.noise_scheduler,
-            batch["pixels"],
-            keys,
-            timesteps=timesteps,
-            **self._conditioning(batch),
-        )
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["pixels"]))
-
-    def configure_optimizers(self):
-        return configure_optimizer(
-            self.net.parameters(), self.optimizer_factory, self.hparams.lr, self.lr_scheduler_factory
-        )
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Enough to rebuild the diffusers objects from the checkpoint alone (`diffusion-lab export`).
+        # Enough to rebuild the diffusers objects from the checkpoint alone (`diffusion-lab export`); the
+        # scheduler is the objective's (a flow model's is a FlowMatchEulerDiscreteScheduler).
         checkpoint["diffusers_components"] = describe_components(
             net=self.net, noise_scheduler=self.noise_scheduler
         )

@@ -18,6 +18,12 @@ def rebuild_component(description: dict):
     return component_class.from_config(description["config"])
 
 
+def current_key(key: str) -> str:
+    """A checkpoint key under today's names: latent checkpoints written before the trainable network was
+    called `net` named it `unet`."""
+    return "net." + key[len("unet.") :] if key.startswith("unet.") else key
+
+
 def submodule_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a LightningModule state dict that belong to `prefix` (e.g. 'net'), prefix removed."""
     start = prefix + "."

@@ -1,0 +1,227 @@
+"""Training objectives: how a clean batch becomes a noisy input, a target and a weighted loss.
+
+An objective owns the noise process (its diffusers scheduler, which sampling and exports reuse), a
+`TimestepSampler` (where on the noise axis training draws) and a `Weighting` (how much each level's error
+counts). Models only say how to get x0 and the conditioning; `Objective.loss` does the rest, with every draw
+keyed per image (`core.random`).
+
+- `DDPM`: x_t = alpha_t x0 + sigma_t eps on a diffusers DDPM schedule (Ho et al. 2020, arXiv:2006.11239),
+  epsilon / v / sample targets.
+- `FlowMatching`: rectified flow x_t = (1 - t) x0 + t eps with the velocity target eps - x0 (Liu et al. 2022,
+  arXiv:2209.03003; Lipman et al. 2022, arXiv:2210.02747), as SD3 trains (arXiv:2403.03206); the network
+  sees t * T as its timestep, as diffusers' flow schedulers feed it.
+"""
+
+import diffusers
+import torch
+import torch.nn.functional as F
+
+from diffusion_lab.core.noise_process import predicted_x0, signal_and_noise_scales, snr, training_target
+from diffusion_lab.core.random import keyed_normal
+from diffusion_lab.core.schedulers import explicit_config, has_zero_terminal_snr, with_zero_terminal_snr
+from diffusion_lab.core.timesteps import TimestepSampler, Uniform, shift_noise_level
+from diffusion_lab.core.weighting import NoiseLevels, NoWeighting, Weighting
+from diffusion_lab.errors import ConfigError
+
+
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
+
+
+class Objective:
+    """What every objective provides; `loss` is shared."""
+
+    family: str  # which samplers fit: "ddpm" or "flow" (see core.schedulers)
+
+    def __init__(
+        self,
+        noise_scheduler,
+        timesteps: TimestepSampler | None = None,
+        weighting: Weighting | None = None,
+        noise_offset: float = 0.0,
+    ) -> None:
+        self.noise_scheduler = noise_scheduler
+        self.timesteps = timesteps or Uniform()
+        self.weighting = weighting or NoWeighting()
+        self.noise_offset = float(noise_offset)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+    @property
+    def prediction_type(self) -> str:
+        raise NotImplementedError
+
+    # ---- the noise process, per image ------------------------------------------------------------------
+    def draw_times(self, keys: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
+        """Training noise levels, in the objective's own time variable."""
+        raise NotImplementedError
+
+    def validation_times(self, sample_ids: torch.Tensor, levels: int) -> torch.Tensor:
+        """Fixed levels for held-out loss: image i always gets the (i mod levels)-th of `levels` evenly spaced
+        ones, so `val/loss` is comparable across runs, batch sizes and world sizes."""
+        raise NotImplementedError
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def network_timesteps(self, times: torch.Tensor) -> torch.Tensor:
+        """What the network is given as its timestep."""
+        raise NotImplementedError
+
+    def noise_levels(self, times: torch.Tensor) -> NoiseLevels:
+        raise NotImplementedError
+
+    def predicted_x0(self, x_t: torch.Tensor, output: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """The clean image implied by a network output at x_t."""
+        raise NotImplementedError
+
+    # ---- the loss --------------------------------------------------------------------------------------
+    def loss(
+        self,
+        net: torch.nn.Module,
+        x0: torch.Tensor,
+        keys: list[int],
+        *,
+        times: torch.Tensor | None = None,
+        **net_kwargs,
+    ) -> torch.Tensor:
+        """The weighted mean squared error of the network's prediction on a batch of clean inputs `x0`
+        (pixels or latents). `keys` seed each image's draws; passing `times` fixes the noise levels, as
+        held-out validation does."""
+        shape = tuple(x0.shape[1:])
+        if times is None:
+            times = self.draw_times(keys, shape, x0.device)
+        noise = keyed_normal(keys, shape, x0.device, x0.dtype, offset=self.noise_offset)
+        prediction = net(self.noisy(x0, noise, times), self.network_timesteps(times), **net_kwargs).sample
+        target = self.target(x0, noise, times)
+        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        return (per_image * self.weighting(self.noise_levels(times))).mean()
+
+
+class DDPM(Objective):
+    """The DDPM noise process of any diffusers DDPM-family scheduler; its `prediction_type` picks the target.
+    `zero_terminal_snr` rescales the betas so the last step is pure noise (arXiv:2305.08891)."""
+
+    family = "ddpm"
+
+    def __init__(
+        self,
+        noise_scheduler,
+        timesteps: TimestepSampler | None = None,
+        weighting: Weighting | None = None,
+        noise_offset: float = 0.0,
+        zero_terminal_snr: bool = False,
+    ) -> None:
+        if not hasattr(noise_scheduler, "alphas_cumprod"):
+            raise ConfigError(
+                f"model/objective=ddpm needs a DDPM-family noise scheduler (betas, alphas_cumprod); got "
+                f"{type(noise_scheduler).__name__}: use model/objective=flow_matching for it"
+            )
+        if zero_terminal_snr or has_zero_terminal_snr(noise_scheduler.config):
+            noise_scheduler = with_zero_terminal_snr(noise_scheduler)
+        super().__init__(noise_scheduler, timesteps, weighting, noise_offset)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def draw_times(self, keys, shape, device):
+        return self.timesteps.indices(keys, shape, self.num_train_timesteps, device)
+
+    def validation_times(self, sample_ids, levels):
+        grid = torch.linspace(0, self.num_train_timesteps - 1, levels, device=sample_ids.device)
+        return grid.round().long()[sample_ids.long() % levels]
+
+    def noisy(self, x0, noise, times):
+        return self.noise_scheduler.add_noise(x0, noise, times)
+
+    def target(self, x0, noise, times):
+        alpha, sigma = signal_and_noise_scales(self.noise_scheduler.alphas_cumprod, times)
+        return training_target(self.prediction_type, x0, noise, alpha, sigma)
+
+    def network_timesteps(self, times):
+        return times
+
+    def noise_levels(self, times):
+        _, sigma = signal_and_noise_scales(self.noise_scheduler.alphas_cumprod, times)
+        return NoiseLevels(snr(self.noise_scheduler.alphas_cumprod, times), sigma, self.prediction_type)
+
+    def predicted_x0(self, x_t, output, times):
+        alpha, sigma = signal_and_noise_scales(self.noise_scheduler.alphas_cumprod, times)
+        return predicted_x0(self.prediction_type, x_t, output, alpha, sigma)
+
+
+class FlowMatching(Objective):
+    """Rectified flow on diffusers' `FlowMatchEulerDiscreteScheduler`, whose `shift` (noise levels mapped by
+    shift * t / (1 + (shift - 1) * t), arXiv:2403.03206 eq. 23) applies to training draws and to sampling
+    alike (None keeps the scheduler's). Given a DDPM-family scheduler (a pixel model's default, a Stable
+    Diffusion checkpoint's), it keeps only its number of training timesteps, with shift 1."""
+
+    family = "flow"
+
+    def __init__(
+        self,
+        noise_scheduler,
+        timesteps: TimestepSampler | None = None,
+        weighting: Weighting | None = None,
+        noise_offset: float = 0.0,
+        shift: float | None = None,
+    ) -> None:
+        config = {"num_train_timesteps": noise_scheduler.config.num_train_timesteps, "shift": 1.0}
+        if isinstance(noise_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+            config = explicit_config(noise_scheduler.config)
+        shift = config["shift"] if shift is None else shift
+        if shift <= 0:
+            raise ConfigError(f"model.objective.shift must be positive, got {shift}")
+        if config.get("use_dynamic_shifting"):
+            raise ConfigError(
+                "flow matching here trains with a fixed shift (model.objective.shift); for a shift that "
+                "grows with resolution use model/objective/timesteps=shift"
+            )
+        flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": float(shift)})
+        super().__init__(flow, timesteps, weighting, noise_offset)
+
+    @property
+    def shift(self) -> float:
+        return float(self.noise_scheduler.config.shift)
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow_prediction"
+
+    def draw_times(self, keys, shape, device):
+        t = self.timesteps.fractions(keys, shape, device)
+        return shift_noise_level(t, self.shift) if self.shift != 1.0 else t
+
+    def validation_times(self, sample_ids, levels):
+        grid = (torch.arange(levels, device=sample_ids.device, dtype=torch.float32) + 0.5) / levels
+        return grid[sample_ids.long() % levels]
+
+    def noisy(self, x0, noise, times):
+        t = _per_image(times, x0)
+        return (1 - t) * x0 + t * noise
+
+    def target(self, x0, noise, times):
+        return noise - x0
+
+    def network_timesteps(self, times):
+        return times * self.num_train_timesteps
+
+    def noise_levels(self, times):
+        t = times.float()
+        return NoiseLevels(((1 - t) / t) ** 2, t, self.prediction_type)
+
+    def predicted_x0(self, x_t, output, times):
+        return x_t - _per_image(times, x_t) * output
+
+
+def objective_for(noise_scheduler) -> Objective:
+    """The objective a trained model's scheduler implies (when a checkpoint is loaded to sample or export)."""
+    if isinstance(noise_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        return FlowMatching(noise_scheduler)
+    return DDPM(noise_scheduler)

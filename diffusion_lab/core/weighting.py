@@ -1,0 +1,88 @@
+"""Loss weightings: how much each noise level's error counts, for any objective.
+
+A weighting sees the noise level of each image as its objective describes it (`NoiseLevels`): the
+signal-to-noise ratio, sigma (the objective's noise coefficient: sqrt(1 - alpha_bar) for DDPM, t for flow
+matching) and what the network predicts. SD3's weightings are diffusers' `compute_loss_weighting_for_sd3`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+# What a network can be trained to output: diffusers' prediction_type names (flow_prediction: eps - x0).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """Per image (B,): signal-to-noise ratio, the objective's sigma, and the network's parametrisation."""
+
+    snr: torch.Tensor
+    sigma: torch.Tensor
+    prediction_type: str
+
+
+class Weighting:
+    def __call__(self, levels: NoiseLevels) -> torch.Tensor:
+        """(B,) float32 weights on each image's mean squared error."""
+        raise NotImplementedError
+
+
+class NoWeighting(Weighting):
+    """Every noise level counts the same on the network's own target (DDPM's simple loss)."""
+
+    def __call__(self, levels):
+        return torch.ones_like(levels.snr)
+
+
+class MinSNR(Weighting):
+    """Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556); see `min_snr_weights`."""
+
+    def __init__(self, gamma: float = 5.0) -> None:
+        if gamma <= 0:
+            raise ValueError(f"min_snr gamma must be positive, got {gamma}")
+        self.gamma = float(gamma)
+
+    def __call__(self, levels):
+        return min_snr_weights(levels.snr, self.gamma, levels.prediction_type)
+
+
+class SigmaSqrt(Weighting):
+    """sigma^-2 (SD3's `sigma_sqrt`, arXiv:2403.03206 section 3.1)."""
+
+    def __call__(self, levels):
+        return compute_loss_weighting_for_sd3("sigma_sqrt", levels.sigma.float())
+
+
+class CosMap(Weighting):
+    """2 / (pi (1 - 2 sigma + 2 sigma^2)) (SD3's `cosmap`, arXiv:2403.03206 eq. 21): the cosine schedule's
+    weighting expressed on rectified flow's sigma."""
+
+    def __call__(self, levels):
+        return compute_loss_weighting_for_sd3("cosmap", levels.sigma.float()).float()
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (arXiv:2303.09556), right for every parametrisation.
+
+    The paper's weight is min(SNR, gamma) on the x0-MSE. Each parametrisation's MSE is the x0-MSE times a
+    factor (epsilon: SNR, v: SNR + 1, sample: 1, flow velocity: 1 / t^2 = (1 + sqrt(SNR))^2), so the weight on
+    *that* MSE divides it out. Dividing by SNR for v-prediction too is the bug of diffusers issue 9451.
+    Written so that SNR = 0 (a zero-terminal-SNR step, flow's t = 1) and SNR = inf (flow's t = 0) give the
+    limits instead of 0/0.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if gamma is None:
+        return torch.ones_like(snr_values)
+    clipped = torch.clamp(snr_values, max=gamma)
+    if prediction_type == "epsilon":
+        return torch.clamp(gamma / snr_values, max=1.0)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1.0)
+    if prediction_type == "flow_prediction":
+        weights = clipped / (1.0 + snr_values.sqrt()) ** 2
+        at_clean = torch.ones_like(snr_values) if gamma == float("inf") else torch.zeros_like(snr_values)
+        return torch.where(torch.isinf(snr_values), at_clean, weights)
+    return clipped

@@ -1,0 +1,75 @@
+"""The training and validation step every diffusion model shares."""
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from diffusion_lab.core.objectives import DDPM, Objective
+from diffusion_lab.core.random import sample_keys
+from diffusion_lab.models.optimization import configure_optimizer
+
+ObjectiveFactory = Callable[..., Objective]  # noise scheduler -> objective (a `_partial_` config)
+
+
+class DiffusionModel(L.LightningModule):
+    """Owns `net` (the trainable network, the one name callbacks and exports use), the `objective` and the
+    optimizer. A subclass only says how a batch becomes clean inputs x0 (`clean_inputs`) and what else the
+    network is given (`conditioning`).
+
+    Every draw is keyed on (noise_seed, step, batch["index"]): training keys on the optimizer step, held-out
+    loss on the image alone (the same noise and level every time it is evaluated).
+    """
+
+    net: torch.nn.Module
+
+    def __init__(
+        self,
+        noise_scheduler,
+        objective: ObjectiveFactory | None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        lr: float,
+        lr_scheduler: Callable | None,
+        noise_seed: int,
+        val_timestep_levels: int,
+    ) -> None:
+        super().__init__()
+        self.objective: Objective = (objective or DDPM)(noise_scheduler)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr, self.noise_seed, self.val_timestep_levels = lr, noise_seed, val_timestep_levels
+
+    @property
+    def noise_scheduler(self):
+        """The objective's diffusers scheduler: what samplers and exports are built from."""
+        return self.objective.noise_scheduler
+
+    # ---- what a subclass provides ---------------------------------------------------------------------
+    def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
+        """x0 for the batch (pixels in [-1, 1], or scaled latents)."""
+        raise NotImplementedError
+
+    def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
+        """Keyword arguments of the network besides (x_t, t); `keys` is None for held-out loss."""
+        return {}
+
+    # ---- shared --------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        keys = sample_keys(self.noise_seed, self.global_step, batch["index"])
+        x0 = self.clean_inputs(batch, keys)
+        loss = self.objective.loss(self.net, x0, keys, **self.conditioning(batch, keys))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all ranks
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        keys = sample_keys(self.noise_seed, -1, batch["index"])
+        times = self.objective.validation_times(batch["index"], self.val_timestep_levels)
+        loss = self.objective.loss(
+            self.net, self.clean_inputs(batch, keys), keys, times=times, **self.conditioning(batch)
+        )
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
+
+    def configure_optimizers(self):
+        return configure_optimizer(
+            self.net.parameters(), self.optimizer_factory, self.lr, self.lr_scheduler_factory
+        )

@@ -1,9 +1,12 @@
 """Shared fixtures: offline environment and composing the real configs with tiny overrides."""
 
 import os
+import tempfile
 
 for variable, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
     os.environ.setdefault(variable, value)
+# Caches that classes build without a configured folder (pixel caches) go to a throwaway place, not ~/.cache.
+os.environ["DIFFUSION_LAB_CACHE"] = tempfile.mkdtemp(prefix="diffusion_lab_test_cache_")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -193,7 +193,7 @@ def _identity_stream(dataset, rank, world, streaming, epochs=1, shuffle=True):
     if streaming:
         dataset = dataset.to_iterable_dataset(num_shards=4)
     return ImageStream(
-        dataset, lambda row, entropy: {"n": row["n"]}, rank=rank, world_size=world, shuffle=shuffle, seed=3,
+        dataset, lambda row, entropy, index: {"n": row["n"]}, rank=rank, world_size=world, shuffle=shuffle, seed=3,
         shuffle_buffer=8, epochs=epochs,
     )  # fmt: skip
 
@@ -239,15 +239,23 @@ def test_epochs_are_reshuffled():
     assert sorted(order[:16]) == sorted(order[16:]) == list(range(16)) and order[:16] != order[16:]
 
 
-def test_random_crop_and_flip_follow_the_entropy_bits():
-    from diffusion_lab.data.transforms import SquareCrop
+def test_random_crops_follow_the_entropy_bits_and_flips_the_keys():
+    from diffusion_lab.data.transforms import SquareCrop, flip_rows, random_flips, resize_shorter_side
 
     image = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
-    crop = SquareCrop(10, center_crop=False, random_flip=True)
-    outputs = {tuple(crop(image, entropy).flatten().tolist()) for entropy in range(0, 2**26, 2**20 + 3)}
-    assert len(outputs) > 10  # different offsets and flips
-    assert torch.equal(crop(image, 12345), crop(image, 12345))
-    assert torch.equal(crop(image, 0b10), crop(image, 0b11).flip(1))  # bit 0 flips, nothing else changes
+    resized = resize_shorter_side(image, 10)
+    assert resized.shape == (10, 20, 3)
+    crop = SquareCrop(10, center_crop=False)
+    outputs = {tuple(crop(resized, entropy).flatten().tolist()) for entropy in range(0, 2**26, 2**20 + 3)}
+    assert len(outputs) == 11  # every offset of the spare 10 columns
+    assert torch.equal(crop(resized, 12345), crop(resized, 12345))
+    flips = random_flips(0, 3, torch.arange(2000))
+    assert abs(flips.float().mean().item() - 0.5) < 0.04
+    assert torch.equal(flips, random_flips(0, 3, torch.arange(2000)))
+    assert not torch.equal(flips, random_flips(0, 4, torch.arange(2000)))
+    images = torch.randn(4, 3, 5, 5)
+    flipped = flip_rows(images, torch.tensor([True, False, True, False]))
+    assert torch.equal(flipped[0], images[0].flip(-1)) and torch.equal(flipped[1], images[1])
 
 
 def test_validation_stream_repeats_in_full_with_persistent_workers(tmp_path):

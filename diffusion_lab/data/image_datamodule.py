@@ -2,6 +2,8 @@
 
 import itertools
 import logging
+import os
+from pathlib import Path
 
 import datasets
 import lightning as L
@@ -9,9 +11,16 @@ import lightning as L
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
+from diffusion_lab.data.pixel_cache import PixelCache, build_pixel_cache, cache_folder, cache_key, estimated_bytes
 from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
-from diffusion_lab.data.transforms import image_transform, to_signed_unit
+from diffusion_lab.data.transforms import (
+    SquareCrop,
+    flip_rows,
+    random_flips,
+    resize_shorter_side,
+    to_signed_unit,
+)
 from diffusion_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,6 +34,9 @@ class ImageDataModule(L.LightningDataModule):
     `caption` when configured. With `caption_template`
     ("a photo of a {label} flower") labels become captions, named by the dataset's ClassLabel names or by
     `label_display` (a table name in `captions.LABEL_NAME_TABLES`, or a mapping).
+
+    Local map-style data up to `pixel_cache_max_gb` is decoded once into a memory-mapped pixel cache under
+    `cache_dir` (`pixel_cache=false` turns it off); crops are drawn per example and flips per step either way.
     """
 
     def __init__(
@@ -49,11 +61,15 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         max_bad_fraction: float = 0.01,
         seed: int = 0,
+        pixel_cache: bool = True,
+        pixel_cache_max_gb: float = 2.0,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_set: ImageStream | None = None
         self.val_set: ImageStream | None = None
+        self.pixel_caches: dict[str, PixelCache] = {}
 
     # ---- reading ------------------------------------------------------------------------------------
     def _load(self, split: str):
@@ -92,16 +108,21 @@ class ImageDataModule(L.LightningDataModule):
         return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
     # ---- examples -----------------------------------------------------------------------------------
-    def _example_maker(self, dataset, train: bool):
+    def _resized(self, value):
+        """Decoded and resized to the training size (shorter side), uncropped: also what the pixel cache holds."""
         h = self.hparams
-        transform = image_transform(h.image_size, h.random_flip and train, h.center_crop or not train)
+        return resize_shorter_side(decode_image(value, h.channels, min_size=h.image_size), h.image_size)
+
+    def _example_maker(self, dataset, train: bool, cache: PixelCache | None = None):
+        h = self.hparams
+        crop = SquareCrop(h.image_size, center_crop=h.center_crop or not train)
         captions = CaptionMaker(
             h.caption_column, h.caption_template, h.label_column, self._label_names(dataset), h.label_display
         )
 
-        def to_example(row: dict, entropy: int) -> dict:
-            image = decode_image(row[h.image_column], h.channels, min_size=h.image_size)
-            example = {"pixels": transform(image, entropy)}
+        def to_example(row: dict, entropy: int, index: int) -> dict:
+            resized = cache[index] if cache is not None else self._resized(row[h.image_column])
+            example = {"pixels": crop(resized, entropy)}
             if h.label_column:
                 example["label"] = row[h.label_column]
             if captions.enabled:
@@ -118,12 +139,12 @@ class ImageDataModule(L.LightningDataModule):
         path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
         return f"{self.hparams.path} row {index}" + (f" ({path})" if path else "")
 
-    def _stream(self, dataset, train: bool) -> ImageStream:
+    def _stream(self, dataset, train: bool, cache: PixelCache | None) -> ImageStream:
         h = self.hparams
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return ImageStream(
             dataset,
-            self._example_maker(dataset, train),
+            self._example_maker(dataset, train, cache),
             rank=rank,
             world_size=world,
             shuffle=train,
@@ -134,9 +155,7 @@ class ImageDataModule(L.LightningDataModule):
             describe_row=self._describe_row,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def _splits(self) -> tuple:
         h = self.hparams
         train = self._load(h.train_split)
         self._check_columns(train, h.train_split)
@@ -149,7 +168,59 @@ class ImageDataModule(L.LightningDataModule):
         else:  # hold out a fixed random slice
             parts = train.train_test_split(test_size=min(h.val_size, max(1, len(train) // 10)), seed=h.seed)
             train, val = parts["train"], parts["test"]
-        self.train_set, self.val_set = self._stream(train, train=True), self._stream(val, train=False)
+        return train, val
+
+    # ---- the pixel cache -----------------------------------------------------------------------------
+    def _cache_root(self) -> Path:
+        if self.hparams.cache_dir:
+            return Path(self.hparams.cache_dir)
+        home = os.environ.get("DIFFUSION_LAB_CACHE", os.path.join(os.environ.get("HOME", "."), ".cache", "diffusion_lab"))
+        return Path(home) / "pixels"
+
+    def _cacheable(self, dataset) -> bool:
+        """Local map-style rows under the size threshold (streams are read once per pass anyway)."""
+        h = self.hparams
+        if not h.pixel_cache or isinstance(dataset, datasets.IterableDataset):
+            return False
+        size = estimated_bytes(len(dataset), h.image_size, h.channels)
+        if size > h.pixel_cache_max_gb * 2**30:
+            log.info("pixel cache off: ~%.1f GB > data.pixel_cache_max_gb=%s", size / 2**30, h.pixel_cache_max_gb)
+            return False
+        return True
+
+    def _pixel_cache(self, dataset, split: str) -> PixelCache | None:
+        """The split's cache, built if missing; None where it does not apply."""
+        if not self._cacheable(dataset):
+            return None
+        h = self.hparams
+        key = cache_key(dataset, h.image_column, h.image_size, h.channels)
+        folder = cache_folder(self._cache_root(), key)
+        if not (folder / "meta.json").exists():
+            rows = enumerate(dataset.select_columns([h.image_column])[h.image_column])
+            build_pixel_cache(folder, rows, len(dataset), self._resized, key, f"Caching pixels ({split})")
+            log.info("pixel cache (%s): wrote %s", split, folder)
+        cache = PixelCache(folder)
+        for row, reason in list(cache.bad_rows.items())[:5]:
+            log.warning("pixel cache (%s): row %d cannot be used: %s", split, row, reason)
+        return cache
+
+    def prepare_data(self) -> None:
+        # Once per node before any rank's setup: one process builds the caches.
+        if self.hparams.pixel_cache:
+            for split, dataset in zip(("train", "val"), self._splits(), strict=True):
+                self._pixel_cache(dataset, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val = self._splits()
+        self.pixel_caches = {
+            split: cache
+            for split, dataset in (("train", train), ("val", val))
+            if (cache := self._pixel_cache(dataset, split)) is not None
+        }
+        self.train_set = self._stream(train, train=True, cache=self.pixel_caches.get("train"))
+        self.val_set = self._stream(val, train=False, cache=self.pixel_caches.get("val"))
 
     def _check_rows_beyond_val_size(self, stream) -> None:
         """A stream shorter than `val_size` would leave training nothing (and fail later, deep in a worker)."""
@@ -173,7 +244,8 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         dataset = {"train": self.train_set, "val": self.val_set}[split].dataset
         stream = ImageStream(
-            dataset, self._example_maker(dataset, train=False), shuffle=False, seed=h.seed, epochs=1,
+            dataset, self._example_maker(dataset, train=False, cache=self.pixel_caches.get(split)),
+            shuffle=False, seed=h.seed, epochs=1,
             max_bad_fraction=h.max_bad_fraction, describe_row=self._describe_row,
         )  # fmt: skip
         return stream, h.random_flip
@@ -186,8 +258,14 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Workers ship uint8; the conversion to [-1, 1] floats runs on the training device.
-        return {**batch, "pixels": to_signed_unit(batch["pixels"])}
+        """Workers ship uint8; the conversion to [-1, 1] floats runs on the training device, and so do the
+        training flips, keyed on (seed, step, image) as the latent cache keys its choice of orientation."""
+        pixels = to_signed_unit(batch["pixels"])
+        trainer = self.trainer
+        if self.hparams.random_flip and trainer is not None and trainer.training:
+            flips = random_flips(self.hparams.seed, trainer.global_step, batch["index"])
+            pixels = flip_rows(pixels, flips)
+        return {**batch, "pixels": pixels}
 
     def _loader(self, stream: ImageStream) -> PrefetchAwareLoader:
         workers = self.hparams.num_workers

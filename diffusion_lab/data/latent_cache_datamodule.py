@@ -10,17 +10,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_lab.core.random import mix_key
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
 from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader
+from diffusion_lab.data.transforms import random_flips
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
 
 log = logging.getLogger(__name__)
 
-_FLIP_SALT = 0xF11B
 # Settings of the wrapped data that change how it is read, not what the examples are.
 SPLITS = ("train", "val")
 
@@ -135,16 +134,13 @@ class LatentCacheDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Pick one orientation per image: at random (keyed on seed, step, image) in training, the
-        unflipped one otherwise."""
+        """Pick one orientation per image: in training the one `random_flips` picks for the image at this step
+        (what the image path would have flipped), the unflipped one otherwise."""
         mean, std = batch["latent_mean"], batch["latent_std"]
         rows = torch.arange(len(mean), device=mean.device)
         if mean.shape[1] > 1 and self.trainer is not None and self.trainer.training:
-            step = self.trainer.global_step
-            flips = [
-                mix_key(self.hparams.seed ^ _FLIP_SALT, step, int(i)) & 1 for i in batch["index"].tolist()
-            ]
-            choice = torch.tensor(flips, device=mean.device)
+            flips = random_flips(self.hparams.seed, self.trainer.global_step, batch["index"])
+            choice = flips.long().to(mean.device)
         else:
             choice = torch.zeros(len(mean), dtype=torch.long, device=mean.device)
         return {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice]}

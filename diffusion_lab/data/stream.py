@@ -28,7 +28,7 @@ class ImageStream(IterableDataset):
     with a buffer reseeded per epoch (`set_epoch`); its position comes from `IterableDataset.state_dict()`
     (the shuffle buffer's contents are not part of that state, as the datasets docs say).
 
-    `epochs=None` streams forever: training length is `trainer.max_steps`. `to_example(row, entropy)`
+    `epochs=None` streams forever: training length is `trainer.max_steps`. `to_example(row, entropy, index)`
     decodes a row or raises BadSample, which is skipped and counted; its random augmentation uses the bits
     of `entropy`, a hash of (seed, epoch, row), so it does not depend on workers, ranks or resumes.
     """
@@ -95,7 +95,7 @@ class ImageStream(IterableDataset):
             for index, row in rows(worker, workers):
                 entropy = mix_key(self.seed, self.epoch, index)
                 try:
-                    example = self.to_example(row, entropy)
+                    example = self.to_example(row, entropy, index)
                 except BadSample as error:
                     self.tally.skip(self.describe_row(row, index), str(error))
                     continue

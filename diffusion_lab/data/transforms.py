@@ -1,4 +1,4 @@
-"""PIL image -> training tensor: shorter side to size, square crop, optional flip.
+"""PIL image -> training tensor: shorter side to size, square crop; random flips on the device.
 
 Loader workers return uint8 pixels in HWC order, as PIL lays them out; `to_signed_unit` turns a batch of
 them into [-1, 1] float NCHW after it reached the device (the DataModule's `on_after_batch_transfer`): a
@@ -9,38 +9,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_lab.core.random import FLIP_SALT, keyed_coin, salted, sample_keys
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> np.ndarray:
+    """The whole image with its shorter side at `size`, as uint8 HWC: what a crop is cut from (and what the
+    pixel cache stores, so that cached and decoded crops are the same pixels)."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    resized = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+    pixels = np.asarray(resized, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
 
 class SquareCrop:
-    """Resize the shorter side to `size` and crop a square, as one PIL resample of just the crop box.
+    """A `size` x `size` crop of a `resize_shorter_side` array: centred, or at an offset taken from the bits
+    of `entropy`, a per-example hash the stream derives from (seed, epoch, row), so augmentation survives
+    resume exactly. Flips are not drawn here but on the device (`random_flips`), keyed like the noise."""
 
-    torchvision's Resize -> CenterCrop/RandomCrop -> RandomHorizontalFlip -> ToDtype -> Normalize does the
-    same in five steps; on 224 px JPEGs this single `Image.resize(box=...)` is what brings the loader near
-    the speed of a bare PIL loop (see `diffusion-lab bench data`). Random choices are bits of `entropy`, a
-    per-example hash the stream derives from (seed, epoch, row): augmentation survives resume exactly.
-    """
+    def __init__(self, size: int, center_crop: bool = True) -> None:
+        self.size, self.center_crop = size, center_crop
 
-    def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False) -> None:
-        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
-
-    def __call__(self, image: Image.Image, entropy: int = 0) -> torch.Tensor:
-        scale = self.size / min(image.size)
-        spare_x = max(0, round(image.width * scale) - self.size)
-        spare_y = max(0, round(image.height * scale) - self.size)
+    def __call__(self, pixels: np.ndarray, entropy: int = 0) -> torch.Tensor:
+        spare_y, spare_x = pixels.shape[0] - self.size, pixels.shape[1] - self.size
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left, top = (entropy >> 8) % (spare_x + 1), (entropy >> 24) % (spare_y + 1)
-        box = (left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale)
-        image = image.resize((self.size, self.size), Image.BILINEAR, box=box, reducing_gap=None)
-        if self.random_flip and entropy & 1:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(image)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL picture -> uint8 HWC tensor (one copy)."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-    return pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
+        crop = pixels[top : top + self.size, left : left + self.size]
+        return torch.from_numpy(np.ascontiguousarray(crop))
 
 
 def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -50,5 +47,13 @@ def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1).contiguous()
 
 
-def image_transform(image_size: int, random_flip: bool, center_crop: bool) -> SquareCrop:
-    return SquareCrop(image_size, center_crop=center_crop, random_flip=random_flip)
+def random_flips(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    """Which images of a training batch are mirrored: a keyed coin per (seed, step, image), so decoded images,
+    cached pixels and cached latents of the same image at the same step get the same flip."""
+    return keyed_coin(salted(sample_keys(seed, step, sample_ids), FLIP_SALT))
+
+
+def flip_rows(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) mirrored left-right where `flips` is True."""
+    mask = flips.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+    return torch.where(mask, images.flip(-1), images)

@@ -12,6 +12,7 @@ from PIL import Image
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from diffusion_lab.data import DigitsDataModule, ImageDataModule
+from diffusion_lab.data.transforms import to_signed_unit
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.stream import ImageStream
 from tests import builders
@@ -264,3 +265,65 @@ def test_validation_stream_repeats_in_full_with_persistent_workers(tmp_path):
     loader = module.val_dataloader()
     first, second = ([i for batch in loader for i in batch["index"].tolist()] for _ in range(2))
     assert len(first) == 5 and first == second
+
+
+# ---- the pixel cache ------------------------------------------------------------------------------------
+def _epoch(module: ImageDataModule) -> list[dict]:
+    module.train_set.epochs = 1
+    return list(module.train_set)
+
+
+def test_the_pixel_cache_gives_the_batches_decoding_gives(tmp_path, monkeypatch):
+    """Same rows, same random crops (entropy bits) and the same device flips (keys), without decoding."""
+    from diffusion_lab.data import image_datamodule
+
+    builders.write_image_folder(tmp_path / "data", per_class=4)
+    builders.add_broken_files(tmp_path / "data" / "train" / "rose")
+    settings = dict(center_crop=False, random_flip=True, max_bad_fraction=0.5, cache_dir=str(tmp_path / "pixels"))
+    decoded = _module(tmp_path / "data", pixel_cache=False, **settings)
+    cached = _module(tmp_path / "data", **settings)
+    assert not decoded.pixel_caches and set(cached.pixel_caches) == {"train", "val"}
+    assert len(cached.pixel_caches["train"].bad_rows) + len(cached.pixel_caches["val"].bad_rows) == 3
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached row was decoded")
+
+    monkeypatch.setattr(image_datamodule, "decode_image", no_decoding)
+    from_cache = _epoch(cached)
+    monkeypatch.undo()
+    from_files = _epoch(decoded)
+    assert [e["index"] for e in from_cache] == [e["index"] for e in from_files]
+    assert cached.train_set.tally.bad == decoded.train_set.tally.bad > 0  # corrupt rows: skipped and counted alike
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(from_cache, from_files, strict=True))
+
+    class Training:
+        training, global_step = True, 5
+
+    batch = torch.utils.data.default_collate(from_cache[:8])
+    cached.trainer = decoded.trainer = Training()
+    flipped = cached.on_after_batch_transfer(batch, 0)["pixels"]
+    assert torch.equal(flipped, decoded.on_after_batch_transfer(batch, 0)["pixels"])
+    assert not torch.equal(flipped, to_signed_unit(batch["pixels"]))  # some images of the batch were flipped
+
+
+def test_the_pixel_cache_key_follows_content_and_transform(tmp_path):
+    import os
+
+    builders.write_image_folder(tmp_path / "data", per_class=3)
+    root = tmp_path / "pixels"
+
+    def folders(**overrides) -> set:
+        module = _module(tmp_path / "data", cache_dir=str(root), **overrides)
+        return {cache.folder for cache in module.pixel_caches.values()}
+
+    first = folders()
+    assert folders() == first  # reused, not rebuilt
+    assert folders(image_size=8).isdisjoint(first)  # another resolution
+    assert folders(channels=1).isdisjoint(first)  # another mode
+    assert folders(random_flip=False, center_crop=False, batch_size=2) == first  # drawn live / read differently
+    image = next((tmp_path / "data" / "train" / "daisy").glob("*.png"))
+    builders.random_image().save(image)
+    os.utime(image, ns=(1, 1))
+    changed = folders()
+    assert changed != first  # the split that holds the rewritten file gets a new cache
+    assert not folders(pixel_cache=False) and not folders(pixel_cache_max_gb=1e-9)

@@ -66,6 +66,37 @@ def test_cached_and_uncached_training_give_the_same_loss_on_the_same_batch(tiny_
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
 
 
+def test_cached_and_uncached_losses_are_equal_with_random_flips(tiny_sd, tmp_path):
+    """Decoded images are flipped on the device and cached latents pick an orientation, both from the same
+    keyed coin per (seed, step, image): the same images are flipped, so the losses agree."""
+    from diffusion_lab.data.transforms import random_flips
+
+    cached = _cached(tiny_sd, tmp_path, images=_captioned_folder(tmp_path, random_flip=True))
+    images = cached.images
+    examples, _ = images.examples_for_cache("train")
+    uncached_batch = torch.utils.data.default_collate(list(examples))
+    by_index = {int(cached.train_set[i]["index"]): i for i in range(len(cached.train_set))}
+    rows = [by_index[int(i)] for i in uncached_batch["index"]]
+    cached_batch = torch.utils.data.default_collate([cached.train_set[i] for i in rows])
+    flips = random_flips(images.hparams.seed, 0, uncached_batch["index"])
+    assert flips.any() and not flips.all()
+
+    class Training:  # what both DataModules read of the trainer: training, at optimizer step 0
+        training, global_step = True, 0
+
+    images.trainer = cached.trainer = Training()
+    uncached_batch = images.on_after_batch_transfer(uncached_batch, 0)
+    cached_batch = cached.on_after_batch_transfer(cached_batch, 0)
+    model = _model(tiny_sd)
+    model.log = lambda *args, **kwargs: None
+    torch.testing.assert_close(
+        model.training_step(cached_batch, 0), model.training_step(uncached_batch, 0), rtol=1e-5, atol=1e-6
+    )
+    images.trainer = None  # unflipped without a training trainer: the losses now differ
+    unflipped = images.on_after_batch_transfer(torch.utils.data.default_collate(list(examples)), 0)
+    assert not torch.allclose(model.training_step(unflipped, 0), model.training_step(cached_batch, 0))
+
+
 def test_random_flips_cache_both_orientations_and_training_draws_both(tiny_sd, tmp_path):
     cached = _cached(tiny_sd, tmp_path, images=_captioned_folder(tmp_path))
     assert cached.train_set.orientations == 2 and cached.val_set.orientations == 1

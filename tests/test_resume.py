@@ -29,15 +29,20 @@ def _run(compose_config, out_dir, *overrides):
     return model, ema, trainer
 
 
-def test_resume_equals_straight_run(compose_config, tmp_path):
-    straight, straight_ema, _ = _run(compose_config, tmp_path / "straight")
+@pytest.mark.parametrize(
+    "objective",
+    [[], ["model/objective=flow_matching", "model/objective/timesteps=logit_normal"]],
+    ids=["ddpm", "flow_matching"],
+)
+def test_resume_equals_straight_run(compose_config, tmp_path, objective):
+    straight, straight_ema, _ = _run(compose_config, tmp_path / "straight", *objective)
     half = tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt"
     assert half.exists()
     checkpoint = torch.load(half, weights_only=False)
     assert checkpoint["global_step"] == STEPS // 2 and "EMA" in checkpoint["callbacks"]
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "data position not checkpointed"
 
-    resumed, resumed_ema, trainer = _run(compose_config, tmp_path / "resumed", f"ckpt_path={half}")
+    resumed, resumed_ema, trainer = _run(compose_config, tmp_path / "resumed", *objective, f"ckpt_path={half}")
     assert trainer.global_step == STEPS
     for (name, a), b in zip(
         straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True

@@ -1,5 +1,6 @@
 """Writing diffusers pipeline folders, from a live model or from a Lightning checkpoint."""
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 
 from diffusion_lab.atomic import write_folder
 from diffusion_lab.finite import require_finite_modules
-from diffusion_lab.models.serialization import rebuild_component, submodule_state_dict
+from diffusion_lab.models.serialization import is_pixel_checkpoint, rebuild_component, submodule_state_dict
 
 
 def write_pipeline(
@@ -38,9 +39,9 @@ def load_ema_weights(network: torch.nn.Module, ema_state: dict) -> None:
 def load_checkpoint_components(ckpt_path: str | Path, use_ema: bool = True) -> dict:
     """Rebuild the diffusers components saved in a PixelDiffusion checkpoint, with EMA weights if present."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    descriptions = checkpoint.get("diffusers_components")
-    if descriptions is None:
-        raise ValueError(f"{ckpt_path} has no 'diffusers_components': not a PixelDiffusion checkpoint")
+    if not is_pixel_checkpoint(checkpoint):
+        raise ValueError(f"{ckpt_path} describes no pixel network: not a PixelDiffusion checkpoint")
+    descriptions = checkpoint["diffusers_components"]
     net = rebuild_component(descriptions["net"])
     net.load_state_dict(submodule_state_dict(checkpoint["state_dict"], "net"))
     ema_state = checkpoint.get("callbacks", {}).get("EMA")
@@ -56,13 +57,22 @@ def load_checkpoint_components(ckpt_path: str | Path, use_ema: bool = True) -> d
 
 
 def load_latent_checkpoint(ckpt_path: str | Path, use_ema: bool = True) -> tuple[L.LightningModule, bool]:
-    """A LatentDiffusion checkpoint: frozen parts from its `pretrained`, the UNet (or LoRA) from the file."""
+    """A LatentDiffusion checkpoint: frozen parts from its `pretrained`, the UNet (or LoRA) from the file, and
+    the objective its saved noise scheduler implies (a flow model samples and exports as one)."""
+    from diffusion_lab.core.objectives import DDPM, objective_for
     from diffusion_lab.models import LatentDiffusion
 
-    model = LatentDiffusion.load_from_checkpoint(
-        ckpt_path, map_location="cpu", weights_only=False, optimizer=None, lr_scheduler=None
-    )
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no second copy
+    options = {}
+    saved = checkpoint.get("diffusers_components", {}).get("noise_scheduler")
+    if saved is not None:  # written since objectives exist
+        trained = rebuild_component(saved)
+        options["objective"] = lambda pretrained_scheduler: objective_for(trained)
+    elif checkpoint.get("hyper_parameters", {}).get("zero_terminal_snr"):  # older: a DDPM switch of the model
+        options["objective"] = functools.partial(DDPM, zero_terminal_snr=True)
+    model = LatentDiffusion.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=False, optimizer=None, lr_scheduler=None, **options
+    )
     ema_state = checkpoint.get("callbacks", {}).get("EMA")
     used_ema = bool(use_ema and ema_state)
     if used_ema:
@@ -74,7 +84,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool 
     """Checkpoint -> pipeline folder (DDPMPipeline, StableDiffusionPipeline or LoRA weights)."""
     checkpoint_kind = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     step = checkpoint_kind.get("global_step")
-    if "diffusers_components" in checkpoint_kind:
+    if is_pixel_checkpoint(checkpoint_kind):
         components = load_checkpoint_components(ckpt_path, use_ema=use_ema)
         path = export_pixel_pipeline(components["net"], components["noise_scheduler"], out_dir)
         used_ema = components["used_ema"]

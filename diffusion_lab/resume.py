@@ -82,4 +82,23 @@ def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig)
             f"ckpt_path={path} does not fit this model: {len(misfits)} tensors differ "
             f"(e.g. {example}: {shapes}). Config keys that differ: {keys}"
         )
+    check_same_objective(path, checkpoint, model)
     return int(checkpoint.get("global_step", 0))
+
+
+def check_same_objective(path: Path, checkpoint: dict, model: torch.nn.Module) -> None:
+    """A flow checkpoint resumed as DDPM (or the reverse) has weights of the right shapes trained for another
+    target: refuse it instead of silently changing the objective mid-run."""
+    from diffusion_lab.core.schedulers import flow_settings
+
+    saved = checkpoint.get("diffusers_components", {}).get("noise_scheduler")
+    objective = getattr(model, "objective", None)
+    if saved is None or objective is None:
+        return
+    trained = "flow_matching" if flow_settings(saved["config"]) else "ddpm"
+    current = "flow_matching" if objective.family == "flow" else "ddpm"
+    if trained != current:
+        raise ConfigError(
+            f"ckpt_path={path} was trained with model/objective={trained}; this config has "
+            f"model/objective={current}. Resume with model/objective={trained}"
+        )

@@ -99,7 +99,9 @@ def test_bench_train_prints_one_json_line_with_both_sides():
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["project_img_s"] > 0 and report["plain_img_s"] > 0
-    assert report["ratio"] == pytest.approx(report["project_img_s"] / report["plain_img_s"], rel=0.01, abs=1e-3)
+    assert report["ratio"] == pytest.approx(
+        report["project_img_s"] / report["plain_img_s"], rel=0.01, abs=1e-3
+    )
     assert report["train_gflop_per_image"] > 0
 
 

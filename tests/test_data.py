@@ -12,9 +12,9 @@ from PIL import Image
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from diffusion_lab.data import DigitsDataModule, ImageDataModule
-from diffusion_lab.data.transforms import to_signed_unit
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.stream import ImageStream
+from diffusion_lab.data.transforms import to_signed_unit
 from tests import builders
 
 
@@ -279,7 +279,9 @@ def test_the_pixel_cache_gives_the_batches_decoding_gives(tmp_path, monkeypatch)
 
     builders.write_image_folder(tmp_path / "data", per_class=4)
     builders.add_broken_files(tmp_path / "data" / "train" / "rose")
-    settings = dict(center_crop=False, random_flip=True, max_bad_fraction=0.5, cache_dir=str(tmp_path / "pixels"))
+    settings = dict(
+        center_crop=False, random_flip=True, max_bad_fraction=0.5, cache_dir=str(tmp_path / "pixels")
+    )
     decoded = _module(tmp_path / "data", pixel_cache=False, **settings)
     cached = _module(tmp_path / "data", **settings)
     assert not decoded.pixel_caches and set(cached.pixel_caches) == {"train", "val"}
@@ -293,7 +295,9 @@ def test_the_pixel_cache_gives_the_batches_decoding_gives(tmp_path, monkeypatch)
     monkeypatch.undo()
     from_files = _epoch(decoded)
     assert [e["index"] for e in from_cache] == [e["index"] for e in from_files]
-    assert cached.train_set.tally.bad == decoded.train_set.tally.bad > 0  # corrupt rows: skipped and counted alike
+    assert (
+        cached.train_set.tally.bad == decoded.train_set.tally.bad > 0
+    )  # corrupt rows: skipped and counted alike
     assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(from_cache, from_files, strict=True))
 
     class Training:
@@ -320,7 +324,9 @@ def test_the_pixel_cache_key_follows_content_and_transform(tmp_path):
     assert folders() == first  # reused, not rebuilt
     assert folders(image_size=8).isdisjoint(first)  # another resolution
     assert folders(channels=1).isdisjoint(first)  # another mode
-    assert folders(random_flip=False, center_crop=False, batch_size=2) == first  # drawn live / read differently
+    assert (
+        folders(random_flip=False, center_crop=False, batch_size=2) == first
+    )  # drawn live / read differently
     image = next((tmp_path / "data" / "train" / "daisy").glob("*.png"))
     builders.random_image().save(image)
     os.utime(image, ns=(1, 1))

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from diffusion_lab.core import keyed_integers, keyed_normal, sample_keys, salted
+from diffusion_lab.core import keyed_integers, keyed_normal, salted, sample_keys
 from diffusion_lab.core.random import TIMESTEP_SALT
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.models import LatentDiffusion

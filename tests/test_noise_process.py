@@ -85,9 +85,12 @@ def test_min_snr_weight_gives_min_snr_gamma_on_the_x0_error(snr_value, gamma, pr
     # The MSE of each parametrisation is the x0-MSE times: SNR (epsilon), SNR + 1 (v), 1 (sample), and for the
     # flow velocity 1 / t^2 where t = 1 / (1 + sqrt(SNR)) (x0 = x_t - t v).
     t = 1 / (1 + snr_value**0.5)
-    factor = {"epsilon": snr_value, "v_prediction": snr_value + 1.0, "sample": 1.0, "flow_prediction": 1 / t**2}[
-        prediction_type
-    ]
+    factor = {
+        "epsilon": snr_value,
+        "v_prediction": snr_value + 1.0,
+        "sample": 1.0,
+        "flow_prediction": 1 / t**2,
+    }[prediction_type]
     weight = min_snr_weights(torch.tensor([snr_value], dtype=torch.float64), gamma, prediction_type)
     assert weight.item() * factor == pytest.approx(min(snr_value, gamma), rel=1e-9)
 

@@ -18,12 +18,21 @@ from tests.conftest import TINY, bare_trainer
 
 OBJECTIVES = {
     "ddpm": ["model/objective=ddpm"],
-    "ddpm_v_min_snr": ["model.noise_scheduler.prediction_type=v_prediction", "model/objective/weighting=min_snr"],
+    "ddpm_v_min_snr": [
+        "model.noise_scheduler.prediction_type=v_prediction",
+        "model/objective/weighting=min_snr",
+    ],
     "flow_uniform": ["model/objective=flow_matching"],
     "flow_logit_normal_cosmap": [
-        "model/objective=flow_matching", "model/objective/timesteps=logit_normal", "model/objective/weighting=cosmap"
+        "model/objective=flow_matching",
+        "model/objective/timesteps=logit_normal",
+        "model/objective/weighting=cosmap",
     ],
-    "flow_mode_shift": ["model/objective=flow_matching", "model/objective/timesteps=mode", "model.objective.shift=3.0"],
+    "flow_mode_shift": [
+        "model/objective=flow_matching",
+        "model/objective/timesteps=mode",
+        "model.objective.shift=3.0",
+    ],
 }
 
 
@@ -57,19 +66,25 @@ def test_every_objective_trains_the_pixel_model(compose_config, objective):
 )
 def test_every_objective_trains_the_latent_model(tiny_sd, objective):
     model = LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=objective)
-    data = DigitsDataModule(image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}")
+    data = DigitsDataModule(
+        image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}"
+    )
     data.setup("fit")
     _trains(model, data.train_dataloader())
 
 
 def test_a_flow_pixel_export_loads_in_diffusion_pipeline_and_samples(compose_config, tmp_path):
-    model = instantiate(compose_config(*TINY, "model/objective=flow_matching", "model.objective.shift=2.0").model)
+    model = instantiate(
+        compose_config(*TINY, "model/objective=flow_matching", "model.objective.shift=2.0").model
+    )
     model.save_pipeline(tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert type(pipeline.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert pipeline.scheduler.config.shift == 2.0
-    images = pipeline(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.manual_seed(0)).images
-    assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+    images = pipeline(
+        batch_size=2, num_inference_steps=3, output_type="np", generator=torch.manual_seed(0)
+    ).images
+    assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
     # The folder samples as the live model does: same scheduler, same network, same seeds.
     settings = SampleSettings(scheduler="heun", steps=3)
     live = PixelSampler(model.net, model.noise_scheduler).generate([0, 1], settings)
@@ -77,15 +92,40 @@ def test_a_flow_pixel_export_loads_in_diffusion_pipeline_and_samples(compose_con
     torch.testing.assert_close(live, loaded)
 
 
-def test_a_flow_latent_model_exports_a_pipeline_with_flow_sigmas(tiny_sd, tmp_path):
+def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, tmp_path):
+    """From the .ckpt file alone: the checkpoint's hyperparameters say nothing of the objective, its saved
+    noise scheduler does."""
+    from diffusion_lab.export import export_checkpoint
+    from diffusion_lab.generation import load_sampler
+
     model = LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=FlowMatching)
-    model.save_pipeline(tmp_path / "pipeline")
+    data = DigitsDataModule(
+        image_size=32, channels=3, batch_size=2, caption_template="a handwritten digit {label}"
+    )
+    data.setup("fit")
+    trainer = bare_trainer(1)
+    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    trainer.save_checkpoint(tmp_path / "flow.ckpt")
+    sampler, _ = load_sampler(str(tmp_path / "flow.ckpt"))
+    assert type(sampler.scheduler(SampleSettings())).__name__ == "FlowMatchEulerDiscreteScheduler"
+    for name in ("euler", "heun", "dpm++"):  # through StableDiffusionPipeline, which reads init_noise_sigma
+        image = sampler.generate([0], SampleSettings(scheduler=name, steps=2), prompts=["a digit"])
+        assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    export_checkpoint(tmp_path / "flow.ckpt", tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     scheduler = pipeline.scheduler
     assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert scheduler.config.use_flow_sigmas and scheduler.config.prediction_type == "flow_prediction"
     pipeline.set_progress_bar_config(disable=True)
-    image = pipeline("a digit", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
+    image = pipeline(
+        "a digit", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)
+    ).images
     assert image.shape == (1, 32, 32, 3)
     with pytest.raises(Exception, match="prediction_type"):
-        LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=FlowMatching, prediction_type="v_prediction")
+        LatentDiffusion(
+            str(tiny_sd),
+            optimizer=torch.optim.AdamW,
+            lr=1e-3,
+            objective=FlowMatching,
+            prediction_type="v_prediction",
+        )

@@ -95,7 +95,10 @@ def _normal_quantile(q: torch.Tensor) -> torch.Tensor:
         (samplers.LogitNormal(0.0, 1.0), torch.sigmoid(_normal_quantile(QUANTILES))),
         (samplers.LogitNormal(0.5, 0.6), torch.sigmoid(0.5 + 0.6 * _normal_quantile(QUANTILES))),
         # t = f(u) decreases in u for mode: its q-quantile is f(1 - q) (arXiv:2403.03206 eq. 20).
-        (samplers.Mode(1.29), (lambda u: 1 - u - 1.29 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u))(1 - QUANTILES)),
+        (
+            samplers.Mode(1.29),
+            (lambda u: 1 - u - 1.29 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u))(1 - QUANTILES),
+        ),
         (samplers.CosMap(), 1 - 1 / (torch.tan(math.pi * QUANTILES / 2) + 1)),
         # 16 x 16 inputs at base 8: shift 2 (arXiv:2403.03206 eq. 23).
         (samplers.Shift(base_size=8), 2 * QUANTILES / (1 + QUANTILES)),
@@ -104,11 +107,11 @@ def _normal_quantile(q: torch.Tensor) -> torch.Tensor:
 )
 def test_each_timestep_sampler_draws_its_density(sampler, expected_quantiles):
     t = sampler.fractions(KEYS, (3, 16, 16), "cpu")
-    assert t.shape == (len(KEYS),) and 0 <= t.min() and t.max() <= 1
+    assert t.shape == (len(KEYS),) and t.min() >= 0 and t.max() <= 1
     torch.testing.assert_close(torch.quantile(t, QUANTILES), expected_quantiles.float(), atol=0.02, rtol=0)
     assert torch.equal(t, sampler.fractions(KEYS, (3, 16, 16), "cpu"))  # keyed: the same keys, the same draws
     steps = sampler.indices(KEYS, (3, 16, 16), 1000, "cpu")
-    assert steps.dtype == torch.int64 and 0 <= steps.min() and steps.max() < 1000
+    assert steps.dtype == torch.int64 and steps.min() >= 0 and steps.max() < 1000
     assert abs(steps.float().mean().item() / 1000 - t.mean().item()) < 0.02
 
 
@@ -132,10 +135,19 @@ def test_each_weighting_follows_its_formula_on_flow_noise_levels():
     torch.testing.assert_close(levels.snr, ((1 - t) / t) ** 2)
     torch.testing.assert_close(levels.sigma, t)
     assert torch.equal(weightings.NoWeighting()(levels), torch.ones(4))
-    torch.testing.assert_close(weightings.SigmaSqrt()(levels), 1 / t**2)
-    torch.testing.assert_close(weightings.CosMap()(levels), 2 / (math.pi * (1 - 2 * t + 2 * t**2)))
-    # min-SNR on the velocity: min(SNR, gamma) on the x0 error, and the x0 error is t^2 times the velocity's.
-    torch.testing.assert_close(weightings.MinSNR(5.0)(levels), torch.minimum(levels.snr, torch.tensor(5.0)) * t**2)
+    # Each literature weighting is on the x0 error, and the x0 error is t^2 times the velocity's: x0 = x_t - t v.
+    torch.testing.assert_close(
+        weightings.SigmaSqrt()(levels), torch.ones(4)
+    )  # diffusers' preconditioned SD3 loss
+    torch.testing.assert_close(weightings.CosMap()(levels), 2 / (math.pi * (1 - 2 * t + 2 * t**2)) * t**2)
+    torch.testing.assert_close(
+        weightings.MinSNR(5.0)(levels), torch.minimum(levels.snr, torch.tensor(5.0)) * t**2
+    )
+    at_clean = FlowMatching(diffusers.DDPMScheduler()).noise_levels(torch.tensor([0.0]))
+    assert (
+        torch.isfinite(weightings.SigmaSqrt()(at_clean)).all()
+        and torch.isfinite(weightings.CosMap()(at_clean)).all()
+    )
 
 
 def test_ddpm_noise_levels_are_the_schedules():
@@ -145,7 +157,39 @@ def test_ddpm_noise_levels_are_the_schedules():
     levels = objective.noise_levels(steps)
     torch.testing.assert_close(levels.snr, alpha_bar / (1 - alpha_bar))
     torch.testing.assert_close(levels.sigma, (1 - alpha_bar).sqrt())
-    torch.testing.assert_close(weightings.MinSNR(5.0)(levels), torch.clamp(levels.snr, max=5.0) / (levels.snr + 1))
+    torch.testing.assert_close(
+        weightings.MinSNR(5.0)(levels), torch.clamp(levels.snr, max=5.0) / (levels.snr + 1)
+    )
+    # sigma^-2 on the x0 error is 1 on v's error: SNR + 1 = 1 / sigma^2 for a variance-preserving schedule.
+    torch.testing.assert_close(weightings.SigmaSqrt()(levels), torch.ones(3), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoints_scheduler_description_keeps_a_value_diffusers_had_listed_as_default():
+    """SD 1.5's scheduler lists prediction_type among its defaults: a v-prediction fine-tune described and
+    rebuilt from the checkpoint must stay v-prediction (else it samples and exports as epsilon)."""
+    from diffusion_lab.models.serialization import describe_components, rebuild_component
+
+    scheduler = diffusers.DDPMScheduler()
+    assert "prediction_type" in scheduler.config["_use_default_values"]
+    scheduler.register_to_config(prediction_type="v_prediction")
+    description = describe_components(noise_scheduler=scheduler)["noise_scheduler"]
+    assert rebuild_component(description).config.prediction_type == "v_prediction"
+    old_style = {**description, "config": dict(scheduler.config)}  # written before: with the defaults list
+    assert rebuild_component(old_style).config.prediction_type == "v_prediction"
+
+
+def test_resuming_under_another_objective_is_refused(compose_config, tmp_path):
+    from diffusion_lab.models.serialization import describe_components
+    from diffusion_lab.resume import check_same_objective
+
+    flow = instantiate(compose_config(*TINY, "model/objective=flow_matching").model)
+    ddpm_checkpoint = {"diffusers_components": describe_components(noise_scheduler=diffusers.DDPMScheduler())}
+    with pytest.raises(
+        ConfigError, match="trained with model/objective=ddpm; this config has model/objective=flow_matching"
+    ):
+        check_same_objective(tmp_path / "x.ckpt", ddpm_checkpoint, flow)
+    flow_checkpoint = {"diffusers_components": describe_components(noise_scheduler=flow.noise_scheduler)}
+    check_same_objective(tmp_path / "x.ckpt", flow_checkpoint, flow)
 
 
 # ---- the default is what it was ------------------------------------------------------------------------
@@ -156,7 +200,9 @@ def _loss_before_objectives(net, noise_scheduler, x0, keys):
     generators = [torch.Generator().manual_seed(k ^ 0x5A5A5A5A) for k in keys]
     timesteps = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators])
     generators = [torch.Generator().manual_seed(k) for k in keys]
-    noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+    noise = torch.stack(
+        [torch.randn(tuple(x0.shape[1:]), generator=g, dtype=torch.float32) for g in generators]
+    )
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
     prediction = net(noisy, timesteps).sample
     per_image = F.mse_loss(prediction.float(), noise.float(), reduction="none").flatten(1).mean(dim=1)
@@ -177,7 +223,10 @@ def test_the_default_config_trains_bit_identically_to_before(compose_config):
         x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(step))
         batch = {"pixels": x0, "index": torch.arange(4) + 4 * step}
         keys = sample_keys(model.noise_seed, 0, batch["index"])  # global_step is 0 outside a Trainer
-        losses = [model.training_step(batch, step), _loss_before_objectives(reference.net, reference.noise_scheduler, x0, keys)]
+        losses = [
+            model.training_step(batch, step),
+            _loss_before_objectives(reference.net, reference.noise_scheduler, x0, keys),
+        ]
         assert torch.equal(losses[0], losses[1])
         for optimizer, loss in zip(optimizers, losses, strict=True):
             optimizer.zero_grad()
@@ -192,17 +241,24 @@ def test_the_default_config_trains_bit_identically_to_before(compose_config):
 def test_a_scheduler_that_does_not_fit_the_objective_is_refused_with_those_that_do():
     flow = FlowMatching(diffusers.DDPMScheduler(), shift=2.0).noise_scheduler.config
     for name in ("ddpm", "ddim", "euler-a", "pndm"):
-        with pytest.raises(ConfigError, match=r"does not fit a flow-matching model.*use one of euler, heun, dpm\+\+, unipc"):
+        with pytest.raises(
+            ConfigError, match=r"does not fit a flow-matching model.*use one of euler, heun, dpm\+\+, unipc"
+        ):
             scheduler_from_name(name, flow)
     built = {name: scheduler_from_name(name, flow) for name in ("euler", "heun", "dpm++", "unipc")}
-    assert type(built["euler"]).__name__ == "FlowMatchEulerDiscreteScheduler" and built["euler"].config.shift == 2.0
+    assert (
+        type(built["euler"]).__name__ == "FlowMatchEulerDiscreteScheduler"
+        and built["euler"].config.shift == 2.0
+    )
     assert type(built["heun"]).__name__ == "FlowMatchHeunDiscreteScheduler"
     for name in ("dpm++", "unipc"):
         assert built[name].config.use_flow_sigmas and built[name].config.flow_shift == 2.0
         assert built[name].config.prediction_type == "flow_prediction"
     assert type(scheduler_from_name(None, flow)).__name__ == "FlowMatchEulerDiscreteScheduler"
     ddpm = diffusers.DDPMScheduler().config
-    assert type(scheduler_from_name("euler", ddpm)).__name__ == "EulerDiscreteScheduler"  # DDPM models: as before
+    assert (
+        type(scheduler_from_name("euler", ddpm)).__name__ == "EulerDiscreteScheduler"
+    )  # DDPM models: as before
     assert type(scheduler_from_name(None, ddpm)).__name__ == "DDIMScheduler"
 
 
@@ -217,11 +273,20 @@ def test_every_flow_sampler_integrates_an_exact_velocity_to_the_data():
     class Exact(torch.nn.Module):
         def forward(self, sample, timestep, **kwargs):
             t = (torch.as_tensor(timestep, dtype=torch.float32) / 1000).clamp(min=1e-4)
-            return type("Output", (), {"sample": (sample - x0) / t})  # eps - x0 with eps = (x_t - (1 - t) x0) / t
+            return type(
+                "Output", (), {"sample": (sample - x0) / t}
+            )  # eps - x0 with eps = (x_t - (1 - t) x0) / t
 
     for name in ("euler", "heun", "dpm++", "unipc"):
         scheduler = scheduler_from_name(name, objective.noise_scheduler.config)
-        image = sample_images(Exact(), scheduler, 1, (2, 4, 4), num_inference_steps=8, generator=torch.Generator().manual_seed(0))
+        image = sample_images(
+            Exact(),
+            scheduler,
+            1,
+            (2, 4, 4),
+            num_inference_steps=8,
+            generator=torch.Generator().manual_seed(0),
+        )
         torch.testing.assert_close(image, x0, atol=5e-3, rtol=0, msg=name)
 
 

@@ -42,7 +42,9 @@ def test_resume_equals_straight_run(compose_config, tmp_path, objective):
     assert checkpoint["global_step"] == STEPS // 2 and "EMA" in checkpoint["callbacks"]
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "data position not checkpointed"
 
-    resumed, resumed_ema, trainer = _run(compose_config, tmp_path / "resumed", *objective, f"ckpt_path={half}")
+    resumed, resumed_ema, trainer = _run(
+        compose_config, tmp_path / "resumed", *objective, f"ckpt_path={half}"
+    )
     assert trainer.global_step == STEPS
     for (name, a), b in zip(
         straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True

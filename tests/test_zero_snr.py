@@ -1,9 +1,8 @@
 """Zero terminal SNR (arXiv:2305.08891) as one switch: training betas, trailing spacing in every sampler and
 the export, CFG rescale at sampling, epsilon refused."""
 
-from unittest import mock
-
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -110,7 +109,11 @@ def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
         return mock.Mock(images=torch.zeros(len(prompt), 3, 32, 32))
 
     def run(zero_snr: bool, given: float | None, call) -> None:
-        sampler = TextToImageSampler(LatentDiffusion(**settings, objective=functools.partial(DDPM, zero_terminal_snr=zero_snr)).pipeline())
+        sampler = TextToImageSampler(
+            LatentDiffusion(
+                **settings, objective=functools.partial(DDPM, zero_terminal_snr=zero_snr)
+            ).pipeline()
+        )
         with mock.patch.object(StableDiffusionPipeline, "__call__", call):
             sampler.generate([0], SampleSettings(steps=2, guidance_rescale=given), prompts=["a digit"])
 

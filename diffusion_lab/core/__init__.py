@@ -19,8 +19,8 @@ from diffusion_lab.core.random import (
     keyed_integers,
     keyed_normal,
     keyed_uniform,
-    sample_keys,
     salted,
+    sample_keys,
 )
 from diffusion_lab.core.sampling import sample_images
 from diffusion_lab.core.timesteps import TimestepSampler

@@ -15,7 +15,7 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def _per_image(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_image(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a (B,) coefficient over the image dimensions of `like`."""
     return coefficient.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
 
@@ -43,7 +43,7 @@ def training_target(
         return noise
     if prediction_type == "sample":
         return x0
-    return _per_image(alpha, noise) * noise - _per_image(sigma, x0) * x0
+    return per_image(alpha, noise) * noise - per_image(sigma, x0) * x0
 
 
 def predicted_x0(
@@ -51,7 +51,7 @@ def predicted_x0(
 ) -> torch.Tensor:
     """The clean image implied by a network output at x_t (undefined for epsilon where alpha_t = 0)."""
     _check_prediction_type(prediction_type)
-    alpha, sigma = _per_image(alpha, x_t), _per_image(sigma, x_t)
+    alpha, sigma = per_image(alpha, x_t), per_image(sigma, x_t)
     if prediction_type == "epsilon":
         return (x_t - sigma * output) / alpha
     if prediction_type == "sample":
@@ -64,7 +64,7 @@ def predicted_epsilon(
 ) -> torch.Tensor:
     """The noise implied by a network output at x_t (undefined for sample where sigma_t = 0)."""
     _check_prediction_type(prediction_type)
-    alpha, sigma = _per_image(alpha, x_t), _per_image(sigma, x_t)
+    alpha, sigma = per_image(alpha, x_t), per_image(sigma, x_t)
     if prediction_type == "epsilon":
         return output
     if prediction_type == "sample":

@@ -16,16 +16,18 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
-from diffusion_lab.core.noise_process import predicted_x0, signal_and_noise_scales, snr, training_target
+from diffusion_lab.core.noise_process import (
+    per_image,
+    predicted_x0,
+    signal_and_noise_scales,
+    snr,
+    training_target,
+)
 from diffusion_lab.core.random import keyed_normal
 from diffusion_lab.core.schedulers import explicit_config, has_zero_terminal_snr, with_zero_terminal_snr
 from diffusion_lab.core.timesteps import TimestepSampler, Uniform, shift_noise_level
 from diffusion_lab.core.weighting import NoiseLevels, NoWeighting, Weighting
 from diffusion_lab.errors import ConfigError
-
-
-def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
 
 
 class Objective:
@@ -180,8 +182,8 @@ class FlowMatching(Objective):
             raise ConfigError(f"model.objective.shift must be positive, got {shift}")
         if config.get("use_dynamic_shifting"):
             raise ConfigError(
-                "flow matching here trains with a fixed shift (model.objective.shift); for a shift that "
-                "grows with resolution use model/objective/timesteps=shift"
+                "a scheduler with use_dynamic_shifting (a shift chosen per resolution at sampling) is not "
+                "supported: set model.objective.shift to the shift for your resolution"
             )
         flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": float(shift)})
         super().__init__(flow, timesteps, weighting, noise_offset)
@@ -203,7 +205,7 @@ class FlowMatching(Objective):
         return grid[sample_ids.long() % levels]
 
     def noisy(self, x0, noise, times):
-        t = _per_image(times, x0)
+        t = per_image(times, x0)
         return (1 - t) * x0 + t * noise
 
     def target(self, x0, noise, times):
@@ -217,7 +219,7 @@ class FlowMatching(Objective):
         return NoiseLevels(((1 - t) / t) ** 2, t, self.prediction_type)
 
     def predicted_x0(self, x_t, output, times):
-        return x_t - _per_image(times, x_t) * output
+        return x_t - per_image(times, x_t) * output
 
 
 def objective_for(noise_scheduler) -> Objective:

@@ -6,6 +6,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from diffusion_lab.core.schedulers import fit_for_pipelines
+
 
 @torch.no_grad()
 def sample_images(
@@ -32,9 +34,8 @@ def sample_images(
     images = randn_tensor(
         (num_images, *sample_shape), generator=generator, device=torch.device(device), dtype=dtype
     )
-    # Flow-matching schedulers start from unit-variance noise and scale no inputs (no such attributes).
-    images = images * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    fit_for_pipelines(scheduler)
+    images = images * scheduler.init_noise_sigma
     extra = {} if class_labels is None else {"class_labels": class_labels.to(device)}
     # Only stochastic schedulers take a generator, only DDIM an eta (as diffusers' own pipelines check).
     step_parameters = inspect.signature(scheduler.step).parameters
@@ -42,7 +43,7 @@ def sample_images(
     if "eta" in step_parameters:
         step_kwargs["eta"] = eta
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        model_input = scale_input(images, t)
+        model_input = scheduler.scale_model_input(images, t)
         output = net(model_input, t, **extra).sample
         images = scheduler.step(output, t, images, **step_kwargs).prev_sample
     return images

@@ -98,6 +98,17 @@ def scheduler_from_name(name: str | None, training_config: dict, **overrides):
     return scheduler_class.from_config(explicit_config(training_config), **{**variant, **overrides})
 
 
+def fit_for_pipelines(scheduler):
+    """Flow-match Euler / Heun start from unit noise and scale no inputs, so they have neither
+    `init_noise_sigma` nor `scale_model_input`; diffusers' Stable Diffusion pipeline (and our loop) read both
+    every run. Give them the identity they mean."""
+    if not hasattr(scheduler, "init_noise_sigma"):
+        scheduler.init_noise_sigma = 1.0
+    if not hasattr(scheduler, "scale_model_input"):
+        scheduler.scale_model_input = lambda sample, *args, **kwargs: sample
+    return scheduler
+
+
 def _flow_scheduler(name: str, flow: dict, overrides: dict):
     if name not in FLOW_SCHEDULERS:
         raise ConfigError(
@@ -110,7 +121,7 @@ def _flow_scheduler(name: str, flow: dict, overrides: dict):
         settings = {"num_train_timesteps": flow["num_train_timesteps"], "flow_shift": flow["shift"]}
     else:
         settings = dict(flow)
-    return scheduler_class.from_config({**settings, **variant, **overrides})
+    return fit_for_pipelines(scheduler_class.from_config({**settings, **variant, **overrides}))
 
 
 def _supports_zero_terminal_snr(scheduler_class) -> bool:

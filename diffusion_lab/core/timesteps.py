@@ -10,7 +10,6 @@ generator, so here each image draws from its own keyed generator (exact resume, 
 import math
 
 import torch
-
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from diffusion_lab.core.random import TIMESTEP_SALT, keyed_generators, keyed_integers, keyed_uniform, salted
@@ -27,7 +26,7 @@ class TimestepSampler:
         self, keys: list[int], shape: tuple[int, ...], num_train_timesteps: int, device: torch.device | str
     ) -> torch.Tensor:
         """(len(keys),) int64 steps in [0, T): floor(t * T)."""
-        t = self.fractions(keys, shape, device).double()
+        t = self.fractions(keys, shape, device)
         return (t * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
     def _uniform(self, keys: list[int], device) -> torch.Tensor:
@@ -85,8 +84,8 @@ class CosMap(TimestepSampler):
     t = 1 - 1 / (tan(pi u / 2) + 1)."""
 
     def fractions(self, keys, shape, device):
-        u = self._uniform(keys, device).double()
-        return (1 - 1 / (torch.tan(math.pi * u / 2) + 1)).float().clamp(0.0, 1.0)
+        u = self._uniform(keys, device)
+        return (1 - 1 / (torch.tan(math.pi * u / 2) + 1)).clamp(0.0, 1.0)
 
 
 def shift_noise_level(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -96,18 +95,17 @@ def shift_noise_level(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 class Shift(TimestepSampler):
-    """Uniform t shifted toward noise by the image size (arXiv:2403.03206 section 5.3.2): more pixels carry
+    """Uniform t shifted toward noise by the input's size (arXiv:2403.03206 section 5.3.2): more pixels carry
     more redundant signal, so the same noise level destroys less of the image. shift = sqrt(H * W) /
-    `base_size` (the side at which no shift is applied), or the fixed `shift` when given."""
+    `base_size` (the side at which no shift is applied). A training density only: the fixed shift that
+    sampling uses too is the flow objective's `shift` (the two compose)."""
 
-    def __init__(self, base_size: int = 32, shift: float | None = None) -> None:
-        if shift is not None and shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
-        self.base_size, self.shift = int(base_size), shift
+    def __init__(self, base_size: int = 32) -> None:
+        if base_size <= 0:
+            raise ValueError(f"shift base_size must be positive, got {base_size}")
+        self.base_size = int(base_size)
 
     def shift_for(self, shape: tuple[int, ...]) -> float:
-        if self.shift is not None:
-            return float(self.shift)
         height, width = shape[-2], shape[-1]
         return math.sqrt(height * width) / self.base_size
 

@@ -2,7 +2,10 @@
 
 A weighting sees the noise level of each image as its objective describes it (`NoiseLevels`): the
 signal-to-noise ratio, sigma (the objective's noise coefficient: sqrt(1 - alpha_bar) for DDPM, t for flow
-matching) and what the network predicts. SD3's weightings are diffusers' `compute_loss_weighting_for_sd3`.
+matching) and what the network predicts. The weightings of the literature are weights on the error of the
+implied clean image x0 (min-SNR's paper; diffusers' SD3 scripts, which turn the velocity into x0 before the
+loss); each is converted to a weight on the error of the network's own target (`x0_error_factor`), so it
+means the same whatever the network predicts.
 """
 
 from dataclasses import dataclass
@@ -10,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+from diffusion_lab.core import noise_process
+
 # What a network can be trained to output: diffusers' prediction_type names (flow_prediction: eps - x0).
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+PREDICTION_TYPES = (*noise_process.PREDICTION_TYPES, "flow_prediction")
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,40 @@ class MinSNR(Weighting):
         return min_snr_weights(levels.snr, self.gamma, levels.prediction_type)
 
 
+# diffusers' smallest training sigma (1 / 1000): keeps sigma^-2 finite at a draw of t = 0.
+_MIN_SIGMA = 1e-3
+
+
 class SigmaSqrt(Weighting):
-    """sigma^-2 (SD3's `sigma_sqrt`, arXiv:2403.03206 section 3.1)."""
+    """sigma^-2 on the x0 error: diffusers' `sigma_sqrt` (`compute_loss_weighting_for_sd3`, from the SD3
+    training scripts; not in the SD3 paper). On flow's velocity error it is 1: the preconditioned x0 loss of
+    those scripts is the plain velocity loss."""
 
     def __call__(self, levels):
-        return compute_loss_weighting_for_sd3("sigma_sqrt", levels.sigma.float())
+        sigma = levels.sigma.float().clamp(min=_MIN_SIGMA)
+        return compute_loss_weighting_for_sd3("sigma_sqrt", sigma) / x0_error_factor(levels)
 
 
 class CosMap(Weighting):
-    """2 / (pi (1 - 2 sigma + 2 sigma^2)) (SD3's `cosmap`, arXiv:2403.03206 eq. 21): the cosine schedule's
-    weighting expressed on rectified flow's sigma."""
+    """2 / (pi (1 - 2 sigma + 2 sigma^2)) on the x0 error: diffusers' `cosmap`, the cosine schedule's
+    weighting expressed on rectified flow's sigma (arXiv:2403.03206 eq. 21)."""
 
     def __call__(self, levels):
-        return compute_loss_weighting_for_sd3("cosmap", levels.sigma.float()).float()
+        weight = compute_loss_weighting_for_sd3("cosmap", levels.sigma.float()).float()
+        return weight / x0_error_factor(levels)
+
+
+def x0_error_factor(levels: NoiseLevels) -> torch.Tensor:
+    """The MSE of the network's target divided by the MSE of the x0 it implies: SNR (epsilon), SNR + 1 (v),
+    1 (sample), 1 / t^2 (flow velocity, x0 = x_t - t v)."""
+    snr, prediction_type = levels.snr.float(), levels.prediction_type
+    if prediction_type == "epsilon":
+        return snr
+    if prediction_type == "v_prediction":
+        return snr + 1.0
+    if prediction_type == "flow_prediction":
+        return 1.0 / levels.sigma.float().clamp(min=_MIN_SIGMA) ** 2
+    return torch.ones_like(snr)
 
 
 def min_snr_weights(snr_values: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:

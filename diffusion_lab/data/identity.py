@@ -3,7 +3,14 @@
 import lightning as L
 
 # Loader settings: they change the speed of reading, not what is read.
-NOT_CONTENT = {"batch_size", "num_workers", "shuffle_buffer", "pixel_cache", "pixel_cache_max_gb", "cache_dir"}
+NOT_CONTENT = {
+    "batch_size",
+    "num_workers",
+    "shuffle_buffer",
+    "pixel_cache",
+    "pixel_cache_max_gb",
+    "cache_dir",
+}
 
 
 def data_identity(datamodule: L.LightningDataModule) -> dict:

@@ -11,7 +11,13 @@ import lightning as L
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
-from diffusion_lab.data.pixel_cache import PixelCache, build_pixel_cache, cache_folder, cache_key, estimated_bytes
+from diffusion_lab.data.pixel_cache import (
+    PixelCache,
+    build_pixel_cache,
+    cache_folder,
+    cache_key,
+    estimated_bytes,
+)
 from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import (
@@ -175,7 +181,9 @@ class ImageDataModule(L.LightningDataModule):
     def _cache_root(self) -> Path:
         if self.hparams.cache_dir:
             return Path(self.hparams.cache_dir)
-        home = os.environ.get("DIFFUSION_LAB_CACHE", os.path.join(os.environ.get("HOME", "."), ".cache", "diffusion_lab"))
+        home = os.environ.get(
+            "DIFFUSION_LAB_CACHE", os.path.join(os.environ.get("HOME", "."), ".cache", "diffusion_lab")
+        )
         return Path(home) / "pixels"
 
     def _cacheable(self, dataset) -> bool:
@@ -185,7 +193,9 @@ class ImageDataModule(L.LightningDataModule):
             return False
         size = estimated_bytes(len(dataset), h.image_size, h.channels)
         if size > h.pixel_cache_max_gb * 2**30:
-            log.info("pixel cache off: ~%.1f GB > data.pixel_cache_max_gb=%s", size / 2**30, h.pixel_cache_max_gb)
+            log.info(
+                "pixel cache off: ~%.1f GB > data.pixel_cache_max_gb=%s", size / 2**30, h.pixel_cache_max_gb
+            )
             return False
         return True
 
@@ -196,8 +206,12 @@ class ImageDataModule(L.LightningDataModule):
         h = self.hparams
         key = cache_key(dataset, h.image_column, h.image_size, h.channels)
         folder = cache_folder(self._cache_root(), key)
-        if not (folder / "meta.json").exists():
-            rows = enumerate(dataset.select_columns([h.image_column])[h.image_column])
+        if not (
+            folder / "meta.json"
+        ).exists():  # (a concurrent builder's folder, if first, is replaced whole)
+            rows = (
+                (i, row[h.image_column]) for i, row in enumerate(dataset.select_columns([h.image_column]))
+            )
             build_pixel_cache(folder, rows, len(dataset), self._resized, key, f"Caching pixels ({split})")
             log.info("pixel cache (%s): wrote %s", split, folder)
         cache = PixelCache(folder)

@@ -32,7 +32,8 @@ def content_listing(dataset: datasets.Dataset, image_column: str) -> str:
     """A digest of what the rows are: the dataset's fingerprint and, for rows that point at files, each file's
     path, size and modification time (a file rewritten in place changes the key)."""
     digest = hashlib.sha256(str(dataset._fingerprint).encode())
-    for value in dataset.select_columns([image_column])[image_column]:
+    for row in dataset.select_columns([image_column]):  # row by row: a column access loads it whole
+        value = row[image_column]
         path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else value
         if isinstance(path, str) and os.path.exists(path):
             stat = os.stat(path)
@@ -113,6 +114,10 @@ class PixelCache:
         if row in self.bad_rows:
             raise BadSample(self.bad_rows[row])
         if self._pixels is None:
-            self._pixels = np.memmap(self.folder / _PIXELS, dtype=np.uint8, mode="r", shape=(max(1, self._bytes),))
+            self._pixels = np.memmap(
+                self.folder / _PIXELS, dtype=np.uint8, mode="r", shape=(max(1, self._bytes),)
+            )
         offset, height, width = (int(v) for v in self.index[row])
-        return self._pixels[offset : offset + height * width * self.channels].reshape(height, width, self.channels)
+        return self._pixels[offset : offset + height * width * self.channels].reshape(
+            height, width, self.channels
+        )

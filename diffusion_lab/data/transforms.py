@@ -37,7 +37,7 @@ class SquareCrop:
         else:
             left, top = (entropy >> 8) % (spare_x + 1), (entropy >> 24) % (spare_y + 1)
         crop = pixels[top : top + self.size, left : left + self.size]
-        return torch.from_numpy(np.ascontiguousarray(crop))
+        return torch.from_numpy(crop.copy())  # a copy: `pixels` may be a read-only memory map
 
 
 def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:

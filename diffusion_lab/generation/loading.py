@@ -6,6 +6,7 @@ import torch
 
 from diffusion_lab.finite import require_finite_modules
 from diffusion_lab.generation.samplers import PixelSampler, Sampler, TextToImageSampler
+from diffusion_lab.models.serialization import is_pixel_checkpoint
 from diffusion_lab.pipelines.pixel import is_class_conditional_export, load_class_conditional_export
 
 
@@ -21,7 +22,7 @@ def _from_checkpoint(path: Path, use_ema: bool) -> tuple[Sampler, dict]:
 
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     details = {"source": "lightning_checkpoint", "global_step": header.get("global_step")}
-    if "diffusers_components" in header:
+    if is_pixel_checkpoint(header):
         components = load_checkpoint_components(path, use_ema=use_ema)
         sampler = PixelSampler(components["net"], components["noise_scheduler"])
         return sampler, {**details, "used_ema": components["used_ema"]}

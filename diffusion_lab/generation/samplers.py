@@ -143,12 +143,7 @@ class TextToImageSampler:
         return self
 
     def scheduler(self, settings: SampleSettings):
-        scheduler = scheduler_from_name(settings.scheduler, self.training_scheduler_config)
-        if not hasattr(scheduler, "scale_model_input"):
-            # Flow-match Euler / Heun scale no inputs and so have no such method; Stable Diffusion's pipeline
-            # calls it every step.
-            scheduler.scale_model_input = lambda sample, *args, **kwargs: sample
-        return scheduler
+        return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
 
     def guidance_options(self, settings: SampleSettings) -> dict:
         """`guidance_rescale` for the pipeline call: 0.7 (the paper's value) for a zero-terminal-SNR model unless

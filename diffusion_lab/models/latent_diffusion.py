@@ -17,6 +17,7 @@ from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora,
 from diffusion_lab.models.serialization import current_key, describe_components
 from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_and_scheduler, token_ids
 
+
 def _public(config) -> dict:
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
@@ -167,7 +168,7 @@ class LatentDiffusion(DiffusionModel):
         # so sampling and export know a flow model from a DDPM one.
         frozen = self._frozen_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["noise_scheduler"] = describe_components(noise_scheduler=self.noise_scheduler)
+        checkpoint["diffusers_components"] = describe_components(noise_scheduler=self.noise_scheduler)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         frozen = self._frozen_names()
@@ -186,9 +187,10 @@ class LatentDiffusion(DiffusionModel):
 
     def sampling_scheduler(self) -> SchedulerMixin:
         """What exports carry: DDIM on the training schedule (see `save_pipeline`); for a flow model
-        DPM-Solver++ with flow sigmas (FlowMatchEulerDiscreteScheduler has no `scale_model_input`, which
-        StableDiffusionPipeline calls every step)."""
-        return scheduler_from_name("ddim" if self.objective.family == "ddpm" else "dpm++", self.noise_scheduler.config)
+        DPM-Solver++ with flow sigmas (flow-match Euler lacks `scale_model_input` and `init_noise_sigma`, which
+        StableDiffusionPipeline reads; `fit_for_pipelines` patches a live one, but a saved folder loads bare)."""
+        name = "ddim" if self.objective.family == "ddpm" else "dpm++"
+        return scheduler_from_name(name, self.noise_scheduler.config)
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """A full fine-tune: the StableDiffusionPipeline folder, whose scheduler is DDIM on the training schedule

@@ -3,11 +3,13 @@
 import diffusers
 import torch
 
+from diffusion_lab.core.schedulers import explicit_config
+
 
 def describe_components(**components) -> dict:
     """{name: {"class": diffusers class name, "config": its init config}} for diffusers models/schedulers."""
     return {
-        name: {"class": type(component).__name__, "config": dict(component.config)}
+        name: {"class": type(component).__name__, "config": explicit_config(component.config)}
         for name, component in components.items()
     }
 
@@ -15,7 +17,13 @@ def describe_components(**components) -> dict:
 def rebuild_component(description: dict):
     """Instantiate a described component with fresh weights (load the state dict afterwards)."""
     component_class = getattr(diffusers, description["class"])
-    return component_class.from_config(description["config"])
+    # explicit_config: a value diffusers once listed as a default (SD 1.5's prediction_type) stays as saved.
+    return component_class.from_config(explicit_config(description["config"]))
+
+
+def is_pixel_checkpoint(checkpoint: dict) -> bool:
+    """A PixelDiffusion checkpoint describes its network; a LatentDiffusion one only its noise scheduler."""
+    return "net" in checkpoint.get("diffusers_components", {})
 
 
 def current_key(key: str) -> str:

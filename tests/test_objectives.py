@@ -122,9 +122,9 @@ def test_an_images_timestep_does_not_depend_on_its_batch():
 
 
 def test_a_sampler_outside_its_range_is_refused():
-    with pytest.raises(ValueError, match="mode scale"):
+    with pytest.raises(ConfigError, match=r"model.objective.timesteps.scale must lie in \[-1, 1.7519\]"):
         samplers.Mode(2.0)
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ConfigError, match="model.objective.timesteps.std must be positive"):
         samplers.LogitNormal(0.0, 0.0)
 
 

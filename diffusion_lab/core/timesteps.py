@@ -13,6 +13,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from diffusion_lab.core.random import TIMESTEP_SALT, keyed_generators, keyed_integers, keyed_uniform, salted
+from diffusion_lab.errors import ConfigError
 
 
 class TimestepSampler:
@@ -59,7 +60,7 @@ class LogitNormal(TimestepSampler):
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         if std <= 0:
-            raise ValueError(f"logit_normal std must be positive, got {std}")
+            raise ConfigError(f"model.objective.timesteps.std must be positive, got {std}")
         self.mean, self.std = float(mean), float(std)
 
     def fractions(self, keys, shape, device):
@@ -72,7 +73,9 @@ class Mode(TimestepSampler):
 
     def __init__(self, scale: float = 1.29) -> None:
         if not -1.0 <= scale <= 2 / (math.pi - 2):
-            raise ValueError(f"mode scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {scale}")
+            raise ConfigError(
+                f"model.objective.timesteps.scale must lie in [-1, {2 / (math.pi - 2):.4f}] (a density), got {scale}"
+            )
         self.scale = float(scale)
 
     def fractions(self, keys, shape, device):
@@ -102,7 +105,7 @@ class Shift(TimestepSampler):
 
     def __init__(self, base_size: int = 32) -> None:
         if base_size <= 0:
-            raise ValueError(f"shift base_size must be positive, got {base_size}")
+            raise ConfigError(f"model.objective.timesteps.base_size must be positive, got {base_size}")
         self.base_size = int(base_size)
 
     def shift_for(self, shape: tuple[int, ...]) -> float:

@@ -14,6 +14,7 @@ import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from diffusion_lab.core import noise_process
+from diffusion_lab.errors import ConfigError
 
 # What a network can be trained to output: diffusers' prediction_type names (flow_prediction: eps - x0).
 PREDICTION_TYPES = (*noise_process.PREDICTION_TYPES, "flow_prediction")
@@ -46,7 +47,7 @@ class MinSNR(Weighting):
 
     def __init__(self, gamma: float = 5.0) -> None:
         if gamma <= 0:
-            raise ValueError(f"min_snr gamma must be positive, got {gamma}")
+            raise ConfigError(f"model.objective.weighting.gamma must be positive, got {gamma}")
         self.gamma = float(gamma)
 
     def __call__(self, levels):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.overrides import admit_library_arguments, explain_bad_overrides
@@ -100,6 +101,9 @@ def report_errors(task):
         except Exception as error:
             if isinstance(error.__cause__, ConfigError):  # raised by a constructor Hydra called
                 error = error.__cause__
+            if isinstance(error, MissingMandatoryValue):  # a `???` in the config nobody set
+                key = error.full_key
+                error = ConfigError(f"{key} has no value (??? in the config): set {key}=...")
             if isinstance(error, ConfigError):
                 log.error("diffusion-lab: %s", error)
                 raise SystemExit(2) from None

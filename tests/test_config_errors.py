@@ -31,11 +31,20 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
             "zero terminal SNR needs a prediction that is defined at pure noise",
         ),
         ("guard.nonfinite=ignore", "guard.nonfinite='ignore'; valid: stop, skip"),
+        (
+            "model/objective=flow_matching model.objective.timesteps.std=0",
+            "model.objective.timesteps.std must be positive, got 0",
+        ),
     ],
 )
 def test_a_wrong_type_or_value_is_one_line_naming_the_key(capsys, tmp_path, override, message):
-    code, output = run_cli(capsys, "train", override, f"hydra.run.dir={tmp_path}")
+    code, output = run_cli(capsys, "train", *override.split(), f"hydra.run.dir={tmp_path}")
     assert code == 2 and message in output and "Traceback" not in output
+
+
+def test_a_value_left_unset_is_one_line_naming_the_key(capsys, tmp_path):
+    code, output = run_cli(capsys, "sample", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "pretrained has no value (??? in the config): set pretrained=..." in output
 
 
 def test_every_trainer_argument_is_a_key_and_a_wrong_one_lists_them(capsys, tmp_path):

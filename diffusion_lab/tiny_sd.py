@@ -140,6 +140,58 @@ def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> 
     return write_folder(out_dir, pipeline.save_pretrained)
 
 
+def build_tiny_sdxl(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """The SDXL layout (issue 14): `text_encoder/` (CLIPTextModel) + `text_encoder_2/`
+    (CLIPTextModelWithProjection) and their tokenizers, a UNet whose cross-attention takes both encoders'
+    penultimate states concatenated and whose `text_time` embedding takes the second encoder's pooled output
+    and the six micro-conditioning numbers, the VAE, and SDXL base's Euler scheduler config."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary) / "one")
+        tokenizer_2 = write_tiny_clip_tokenizer(Path(vocabulary) / "two")
+
+    def text_config(hidden_size: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77, projection_dim=hidden_size,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
+    text_encoder, text_encoder_2 = (
+        CLIPTextModel(text_config(32)),
+        CLIPTextModelWithProjection(text_config(32)),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[16, 32], latent_channels=4,
+        layers_per_block=1, norm_num_groups=8, sample_size=sample_size, scaling_factor=0.13025,
+    )  # fmt: skip
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2, in_channels=4, out_channels=4, block_out_channels=[32, 64],
+        layers_per_block=1, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=64, attention_head_dim=4,
+        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim, use_linear_projection=True,
+    )  # fmt: skip
+    # SDXL base 1.0's scheduler config: scaled-linear betas, epsilon, leading spacing with offset 1.
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )  # fmt: skip
+    return write_folder(out_dir, pipeline.save_pretrained)
+
+
 def build_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny random CLIP (vision + text towers, processor) saved like a hub CLIP: the offline stand-in for
     `openai/clip-vit-large-patch14` in CLIP-score tests, loaded by the same `from_pretrained` calls."""

@@ -49,3 +49,33 @@ def test_tiny_sd_command(tmp_path):
     result = cli("tiny-sd", f"out={tmp_path / 'tiny'}")
     assert json.loads(result.stdout.strip().splitlines()[-1])["tiny_sd"] == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model_index.json").exists()
+
+
+def test_tiny_sdxl_has_the_sdxl_layout_and_generates_at_a_non_square_size(tmp_path, capsys):
+    """Issue 14's builder: two text encoders (the second with a projection), a text_time UNet whose
+    cross-attention takes both encoders' states, loaded part by part and as a StableDiffusionXLPipeline."""
+    from omegaconf import OmegaConf
+    from transformers import CLIPTextModelWithProjection
+
+    from diffusion_lab.commands.tiny_sd import tiny_sd
+
+    tiny_sd(
+        OmegaConf.create({"out": str(tmp_path / "sdxl"), "variant": "sdxl", "sample_size": 32, "seed": 0})
+    )
+    path = tmp_path / "sdxl"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["variant"] == "sdxl"
+    assert {p.name for p in path.iterdir()} >= {"text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler"}
+    first = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    second = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    assert unet.config.addition_embed_type == "text_time"
+    assert unet.config.cross_attention_dim == first.config.hidden_size + second.config.hidden_size
+    assert unet.config.projection_class_embeddings_input_dim == (
+        second.config.projection_dim + 6 * unet.config.addition_time_embed_dim
+    )
+    pipeline = DiffusionPipeline.from_pretrained(path)
+    assert type(pipeline).__name__ == "StableDiffusionXLPipeline"
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a red flower", negative_prompt="blue", num_inference_steps=2, height=32, width=48,
+                     output_type="pt", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert image.shape == (1, 3, 32, 48) and torch.isfinite(image).all()

@@ -1,12 +1,18 @@
-"""`diffusion-lab tiny-sd out=DIR`: write a tiny random Stable Diffusion checkpoint folder."""
+"""`diffusion-lab tiny-sd out=DIR [variant=sdxl]`: write a tiny random Stable Diffusion (or SDXL) folder."""
 
 import json
 
 from omegaconf import DictConfig
 
-from diffusion_lab.tiny_sd import build_tiny_sd
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.tiny_sd import build_tiny_sd, build_tiny_sdxl
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
 
 
 def tiny_sd(cfg: DictConfig) -> None:
-    path = build_tiny_sd(cfg.out, sample_size=cfg.sample_size, seed=cfg.seed)
-    print(json.dumps({"tiny_sd": str(path)}))
+    variant = cfg.get("variant", "sd")
+    if variant not in BUILDERS:
+        raise ConfigError(f"variant={variant!r}; valid: {', '.join(BUILDERS)}")
+    path = BUILDERS[variant](cfg.out, sample_size=cfg.sample_size, seed=cfg.seed)
+    print(json.dumps({"tiny_sd": str(path), "variant": variant}))

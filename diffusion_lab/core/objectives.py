@@ -12,6 +12,8 @@ keyed per image (`core.random`).
   sees t * T as its timestep, as diffusers' flow schedulers feed it.
 """
 
+import abc
+
 import diffusers
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,8 @@ from diffusion_lab.core.weighting import NoiseLevels, NoWeighting, Weighting
 from diffusion_lab.errors import ConfigError
 
 
-class Objective:
-    """What every objective provides; `loss` is shared."""
+class Objective(abc.ABC):
+    """What every objective provides (its abstract methods); `loss` is shared."""
 
     family: str  # which samplers fit: "ddpm" or "flow" (see core.schedulers)
 
@@ -52,35 +54,39 @@ class Objective:
         return self.noise_scheduler.config.num_train_timesteps
 
     @property
+    @abc.abstractmethod
     def prediction_type(self) -> str:
-        raise NotImplementedError
+        """diffusers' name of what the network predicts."""
 
     # ---- the noise process, per image ------------------------------------------------------------------
+    @abc.abstractmethod
     def draw_times(self, keys: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
         """Training noise levels, in the objective's own time variable."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validation_times(self, sample_ids: torch.Tensor, levels: int) -> torch.Tensor:
         """Fixed levels for held-out loss: image i always gets the (i mod levels)-th of `levels` evenly spaced
         ones, so `val/loss` is comparable across runs, batch sizes and world sizes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def network_timesteps(self, times: torch.Tensor) -> torch.Tensor:
         """What the network is given as its timestep."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def noise_levels(self, times: torch.Tensor) -> NoiseLevels:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def predicted_x0(self, x_t: torch.Tensor, output: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """The clean image implied by a network output at x_t."""
-        raise NotImplementedError
 
     # ---- the loss --------------------------------------------------------------------------------------
     def loss(

@@ -7,6 +7,7 @@ equations 19-21); diffusers' `compute_density_for_timestep_sampling` draws them 
 generator, so here each image draws from its own keyed generator (exact resume, DDP equal to one process).
 """
 
+import abc
 import math
 
 import torch
@@ -16,12 +17,12 @@ from diffusion_lab.core.random import TIMESTEP_SALT, keyed_generators, keyed_int
 from diffusion_lab.errors import ConfigError
 
 
-class TimestepSampler:
+class TimestepSampler(abc.ABC):
     """Base: `fractions` is the density; `indices` discretises it for schedules of T steps."""
 
+    @abc.abstractmethod
     def fractions(self, keys: list[int], shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
         """(len(keys),) float32 noise levels in [0, 1] for images of `shape` (C, H, W)."""
-        raise NotImplementedError
 
     def indices(
         self, keys: list[int], shape: tuple[int, ...], num_train_timesteps: int, device: torch.device | str

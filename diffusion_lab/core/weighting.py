@@ -8,6 +8,7 @@ loss); each is converted to a weight on the error of the network's own target (`
 means the same whatever the network predicts.
 """
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,10 @@ class NoiseLevels:
     prediction_type: str
 
 
-class Weighting:
+class Weighting(abc.ABC):
+    @abc.abstractmethod
     def __call__(self, levels: NoiseLevels) -> torch.Tensor:
         """(B,) float32 weights on each image's mean squared error."""
-        raise NotImplementedError
 
 
 class NoWeighting(Weighting):

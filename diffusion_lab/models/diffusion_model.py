@@ -1,5 +1,6 @@
 """The training and validation step every diffusion model shares."""
 
+import abc
 from collections.abc import Callable
 
 import lightning as L
@@ -12,7 +13,7 @@ from diffusion_lab.models.optimization import configure_optimizer
 ObjectiveFactory = Callable[..., Objective]  # noise scheduler -> objective (a `_partial_` config)
 
 
-class DiffusionModel(L.LightningModule):
+class DiffusionModel(L.LightningModule, abc.ABC):
     """Owns `net` (the trainable network, the one name callbacks and exports use), the `objective` and the
     optimizer. A subclass only says how a batch becomes clean inputs x0 (`clean_inputs`) and what else the
     network is given (`conditioning`).
@@ -45,9 +46,9 @@ class DiffusionModel(L.LightningModule):
         return self.objective.noise_scheduler
 
     # ---- what a subclass provides ---------------------------------------------------------------------
+    @abc.abstractmethod
     def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
         """x0 for the batch (pixels in [-1, 1], or scaled latents)."""
-        raise NotImplementedError
 
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
         """Keyword arguments of the network besides (x_t, t); `keys` is None for held-out loss."""

@@ -241,15 +241,19 @@ def test_epochs_are_reshuffled():
 
 
 def test_random_crops_follow_the_entropy_bits_and_flips_the_keys():
-    from diffusion_lab.data.transforms import SquareCrop, flip_rows, random_flips, resize_shorter_side
+    from diffusion_lab.data.buckets import Bucket, cover_and_crop
+    from diffusion_lab.data.transforms import crop, flip_rows, random_flips, resize_to_cover
 
     image = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
-    resized = resize_shorter_side(image, 10)
+    resized = resize_to_cover(image, cover_and_crop(40, 20, Bucket.square(10)))
     assert resized.shape == (10, 20, 3)
-    crop = SquareCrop(10, center_crop=False)
-    outputs = {tuple(crop(resized, entropy).flatten().tolist()) for entropy in range(0, 2**26, 2**20 + 3)}
+
+    def cut(entropy: int) -> torch.Tensor:
+        return crop(resized, cover_and_crop(40, 20, Bucket.square(10), center=False, entropy=entropy))
+
+    outputs = {tuple(cut(entropy).flatten().tolist()) for entropy in range(0, 2**26, 2**20 + 3)}
     assert len(outputs) == 11  # every offset of the spare 10 columns
-    assert torch.equal(crop(resized, 12345), crop(resized, 12345))
+    assert torch.equal(cut(12345), cut(12345))
     flips = random_flips(0, 3, torch.arange(2000))
     assert abs(flips.float().mean().item() - 0.5) < 0.04
     assert torch.equal(flips, random_flips(0, 3, torch.arange(2000)))

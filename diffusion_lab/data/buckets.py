@@ -10,11 +10,17 @@ the nearest bucket, and the resize-to-cover plus crop whose numbers SDXL's micro
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True, order=True)
 class Bucket:
     width: int
     height: int
+
+    @classmethod
+    def square(cls, size: int) -> "Bucket":
+        return cls(size, size)
 
     @property
     def aspect(self) -> float:
@@ -61,12 +67,17 @@ class CropPlan:
         width, height = self.original
         return (height, width, self.top, self.left, self.bucket.height, self.bucket.width)
 
+    def geometry(self) -> torch.Tensor:
+        """What a batch carries as `crop_geometry`: the six time ids, then the resized (height, width) that a
+        flip on the device needs to move the crop's left edge (`transforms.flip_crop_geometry`)."""
+        return torch.tensor([*self.time_ids(), self.resized[1], self.resized[0]], dtype=torch.long)
+
 
 def cover_and_crop(
     width: int, height: int, bucket: Bucket, center: bool = True, entropy: int = 0
 ) -> CropPlan:
     """Resize (keeping the aspect ratio) until both sides cover the bucket, then crop it: centred, or at an
-    offset taken from the bits of `entropy` (the stream's per-example hash, as `SquareCrop` does)."""
+    offset taken from the bits of `entropy` (the stream's per-example hash)."""
     scale = max(bucket.width / width, bucket.height / height)
     resized = (max(bucket.width, round(width * scale)), max(bucket.height, round(height * scale)))
     spare_x, spare_y = resized[0] - bucket.width, resized[1] - bucket.height

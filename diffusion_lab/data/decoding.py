@@ -2,6 +2,7 @@
 
 import io
 import logging
+import math
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,15 +34,25 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
+def _upright(full_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The file's (width, height) turned as EXIF turned the pixels (a draft shrinks both sides alike)."""
+    width, height = full_size
+    aspect, file_aspect = math.log(size[0] / size[1]), math.log(width / height)
+    turned = abs(aspect + file_aspect) < abs(aspect - file_aspect)
+    return (height, width) if turned else (width, height)
+
+
 def decode_image(value, channels: int = 3, min_size: int | None = None) -> Image.Image:
     """A fully loaded RGB (channels=3) or L (channels=1) image, EXIF orientation applied.
 
     `min_size`: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still at
     least this, which is most of the decoding cost saved when photos are much larger than the model's input.
-    Raises BadSample for anything PIL cannot read.
+    `image.info["original_size"]` is the file's (width, height) before that draft, upright: SDXL's
+    micro-conditioning records it. Raises BadSample for anything PIL cannot read.
     """
     try:
         image = _open(value)
+        full_size = image.size
         if min_size and image.format == "JPEG":
             scale = min(image.size) / min_size
             image.draft(image.mode, (image.width / scale, image.height / scale))
@@ -58,6 +69,7 @@ def decode_image(value, channels: int = 3, min_size: int | None = None) -> Image
         if image.mode != target:
             image = image.convert(target)
         image.load()
+        image.info["original_size"] = _upright(full_size, image.size)
         return image
     except BadSample:
         raise

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import lightning as L
 
+from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
@@ -16,15 +17,17 @@ from diffusion_lab.data.pixel_cache import (
     build_pixel_cache,
     cache_folder,
     cache_key,
+    content_listing,
     estimated_bytes,
 )
 from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import (
-    SquareCrop,
+    crop,
+    flip_crop_geometry,
     flip_rows,
     random_flips,
-    resize_shorter_side,
+    resize_to_cover,
     to_signed_unit,
 )
 from diffusion_lab.errors import ConfigError
@@ -44,6 +47,12 @@ class ImageDataModule(L.LightningDataModule):
     Local map-style data up to `pixel_cache_max_gb` is decoded once into a memory-mapped pixel cache under
     `cache_dir` (`pixel_cache=false` turns it off) and read in the main process (`num_workers` then applies
     to the data that is decoded); crops are drawn per example and flips per step either way.
+
+    `buckets=true` trains at mixed aspect ratios: each training image goes to the bucket of about
+    `image_size`^2 pixels (a multiple of `bucket_step` per side, up to `bucket_max_aspect`) nearest its own
+    aspect ratio, is resized to cover it and cropped to it, and every batch is one bucket
+    (`ImageStream`, `bucket_batching`). Held-out batches stay square. Every example carries its
+    `crop_geometry` (file size, crop offset, target size: SDXL's micro-conditioning).
     """
 
     def __init__(
@@ -71,12 +80,16 @@ class ImageDataModule(L.LightningDataModule):
         pixel_cache: bool = True,
         pixel_cache_max_gb: float = 2.0,
         cache_dir: str | None = None,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_max_aspect: float = 2.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_set: ImageStream | None = None
         self.val_set: ImageStream | None = None
         self.pixel_caches: dict[str, PixelCache] = {}
+        self.bucket_set = self._bucket_set() if buckets else None
 
     # ---- reading ------------------------------------------------------------------------------------
     def _load(self, split: str):
@@ -114,22 +127,43 @@ class ImageDataModule(L.LightningDataModule):
         )
         return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
-    # ---- examples -----------------------------------------------------------------------------------
-    def _resized(self, value):
-        """Decoded and resized to the training size (shorter side), uncropped: also what the pixel cache holds."""
+    # ---- examples ---------------------------------------------------------------------------------
+    def _bucket_set(self) -> tuple[Bucket, ...]:
         h = self.hparams
-        return resize_shorter_side(decode_image(value, h.channels, min_size=h.image_size), h.image_size)
+        if not 0 < h.bucket_step <= h.image_size or h.bucket_max_aspect < 1:
+            raise ConfigError(
+                f"data.buckets needs 0 < data.bucket_step <= data.image_size and data.bucket_max_aspect >= 1, "
+                f"got bucket_step={h.bucket_step}, image_size={h.image_size}, "
+                f"bucket_max_aspect={h.bucket_max_aspect}"
+            )
+        return bucket_set(h.image_size**2, h.bucket_step, h.bucket_max_aspect)
 
-    def _example_maker(self, dataset, train: bool, cache: PixelCache | None = None):
+    def _resized(self, value):
+        """Decoded and resized to cover the square crop, uncropped, with the file's size: what the pixel cache
+        holds."""
         h = self.hparams
-        crop = SquareCrop(h.image_size, center_crop=h.center_crop or not train)
+        image = decode_image(value, h.channels, min_size=h.image_size)
+        original = image.info["original_size"]
+        return resize_to_cover(image, cover_and_crop(*original, Bucket.square(h.image_size))), original
+
+    def _example_maker(self, dataset, center: bool, bucketed: bool, cache: PixelCache | None = None):
+        h = self.hparams
+        square = Bucket.square(h.image_size)
         captions = CaptionMaker(
             h.caption_column, h.caption_template, h.label_column, self._label_names(dataset), h.label_display
         )
 
         def to_example(row: dict, entropy: int, index: int) -> dict:
-            resized = cache[index] if cache is not None else self._resized(row[h.image_column])
-            example = {"pixels": crop(resized, entropy)}
+            if cache is not None:  # square plans only
+                resized, original = cache[index]
+                plan = cover_and_crop(*original, square, center, entropy)
+            else:
+                image = decode_image(row[h.image_column], h.channels, min_size=h.image_size)
+                original = image.info["original_size"]
+                bucket = nearest_bucket(*original, self.bucket_set) if bucketed else square
+                plan = cover_and_crop(*original, bucket, center, entropy)
+                resized = resize_to_cover(image, plan)
+            example = {"pixels": crop(resized, plan), "crop_geometry": plan.geometry()}
             if h.label_column:
                 example["label"] = row[h.label_column]
             if captions.enabled:
@@ -149,9 +183,10 @@ class ImageDataModule(L.LightningDataModule):
     def _stream(self, dataset, train: bool, cache: PixelCache | None) -> ImageStream:
         h = self.hparams
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        bucketed = train and self.bucket_set is not None
         return ImageStream(
             dataset,
-            self._example_maker(dataset, train, cache),
+            self._example_maker(dataset, h.center_crop or not train, bucketed, cache),
             rank=rank,
             world_size=world,
             shuffle=train,
@@ -160,6 +195,8 @@ class ImageDataModule(L.LightningDataModule):
             epochs=None if train else 1,
             max_bad_fraction=h.max_bad_fraction,
             describe_row=self._describe_row,
+            bucket_of=pixel_shape if bucketed else None,
+            batch_size=h.batch_size,
         )
 
     def _splits(self) -> tuple:
@@ -186,10 +223,13 @@ class ImageDataModule(L.LightningDataModule):
         )
         return Path(home) / "pixels"
 
-    def _cacheable(self, dataset) -> bool:
-        """Local map-style rows under the size threshold (streams are read once per pass anyway)."""
+    def _cacheable(self, dataset, split: str) -> bool:
+        """Local map-style rows under the size threshold (streams are read once per pass anyway), cropped
+        square (a bucketed split resizes each image for its own bucket)."""
         h = self.hparams
         if not h.pixel_cache or isinstance(dataset, datasets.IterableDataset):
+            return False
+        if split == "train" and self.bucket_set is not None:
             return False
         size = estimated_bytes(len(dataset), h.image_size, h.channels)
         if size > h.pixel_cache_max_gb * 2**30:
@@ -201,7 +241,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _pixel_cache(self, dataset, split: str) -> PixelCache | None:
         """The split's cache, built if missing; None where it does not apply."""
-        if not self._cacheable(dataset):
+        if not self._cacheable(dataset, split):
             return None
         h = self.hparams
         key = cache_key(dataset, h.image_column, h.image_size, h.channels)
@@ -218,6 +258,14 @@ class ImageDataModule(L.LightningDataModule):
         for row, reason in list(cache.bad_rows.items())[:5]:
             log.warning("pixel cache (%s): row %d cannot be used: %s", split, row, reason)
         return cache
+
+    def content_key(self, split: str) -> str | None:
+        """A digest of what `split`'s images are (each file's path, size and modification time), for caches
+        built from them; None for streamed data, which has no listing short of reading it."""
+        dataset = dict(zip(("train", "val"), self._splits(), strict=True))[split]
+        if isinstance(dataset, datasets.IterableDataset):
+            return None
+        return content_listing(dataset, self.hparams.image_column)
 
     def prepare_data(self) -> None:
         # Once per node before any rank's setup: one process builds the caches.
@@ -248,8 +296,9 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def examples_for_cache(self, split: str) -> tuple[ImageStream, bool]:
-        """Each usable example of `split` once, unflipped and centre-cropped, on one process; and whether
-        training flips at random (then the cache holds both orientations)."""
+        """Each usable example of `split` once, unflipped and centre-cropped (in its bucket when the split is
+        bucketed: batch them with `bucket_batching.batches_by_shape`), on one process; and whether training
+        flips at random (then the cache holds both orientations)."""
         h = self.hparams
         if split == "train" and not h.center_crop:
             raise ValueError(
@@ -258,10 +307,11 @@ class ImageDataModule(L.LightningDataModule):
             )
         self.setup()
         dataset = {"train": self.train_set, "val": self.val_set}[split].dataset
+        bucketed = split == "train" and self.bucket_set is not None
         stream = ImageStream(
-            dataset, self._example_maker(dataset, train=False, cache=self.pixel_caches.get(split)),
-            shuffle=False, seed=h.seed, epochs=1,
-            max_bad_fraction=h.max_bad_fraction, describe_row=self._describe_row,
+            dataset, self._example_maker(dataset, True, bucketed, cache=self.pixel_caches.get(split)),
+            shuffle=False, seed=h.seed, epochs=1, max_bad_fraction=h.max_bad_fraction,
+            describe_row=self._describe_row,
         )  # fmt: skip
         return stream, h.random_flip
 
@@ -275,12 +325,14 @@ class ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Workers ship uint8; the conversion to [-1, 1] floats runs on the training device, and so do the
         training flips, keyed on (seed, step, image) as the latent cache keys its choice of orientation."""
-        pixels = to_signed_unit(batch["pixels"])
+        batch = {**batch, "pixels": to_signed_unit(batch["pixels"])}
         trainer = self.trainer
         if self.hparams.random_flip and trainer is not None and trainer.training:
             flips = random_flips(self.hparams.seed, trainer.global_step, batch["index"])
-            pixels = flip_rows(pixels, flips)
-        return {**batch, "pixels": pixels}
+            batch["pixels"] = flip_rows(batch["pixels"], flips)
+            if "crop_geometry" in batch:
+                batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], flips)
+        return batch
 
     def _loader(self, stream: ImageStream, cached: bool) -> PrefetchAwareLoader:
         # Cached rows are a memory-mapped slice and a crop (~25k img/s in-process on 2 cores, `bench data`):
@@ -288,8 +340,13 @@ class ImageDataModule(L.LightningDataModule):
         workers = 0 if cached else self.hparams.num_workers
         return PrefetchAwareLoader(
             stream,
-            batch_size=self.hparams.batch_size,
+            batch_size=None if stream.batcher is not None else self.hparams.batch_size,  # buckets: batches
             num_workers=workers,
             persistent_workers=workers > 0,
             worker_init_fn=ignore_stop_signals,
         )
+
+
+def pixel_shape(example: dict) -> tuple[int, ...]:
+    """An example's bucket: the shape of its crop."""
+    return tuple(example["pixels"].shape)

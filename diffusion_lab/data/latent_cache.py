@@ -1,25 +1,28 @@
-"""A disk cache of what the frozen VAE and text encoder make of a dataset, so training never runs them.
+"""A disk cache of what the frozen VAE and text encoder(s) make of a dataset, so training never runs them.
 
-Per split, one folder: `latent_mean.bin` / `latent_std.bin` (N, F, C, h, w) with F = 2 when the data flips
-at random (both orientations are encoded), `text_embeddings.bin` (one row per distinct caption, row 0 the
-empty prompt), `caption_ids.npy`, `indices.npy` (the source's example index, which keys the noise as in
-uncached training) and `meta.json` (shapes, dtype, and the key the folder is named after). The latent
+Per split, one folder: `latent_mean.bin` / `latent_std.bin` (each row (F, C, h, w) at its own `latent_offsets`
+and `latent_shapes`, F = 2 when the data flips at random (both orientations are encoded); rows of different
+aspect-ratio buckets differ in (h, w)), `crop_geometry.npy` (the crop each latent was encoded from),
+`text_embeddings.bin` (one row per distinct caption, row 0 the empty prompt; SDXL also
+`pooled_embeddings.bin`), `caption_ids.npy`, `indices.npy` (the source's example index, which keys the noise
+as in uncached training) and `meta.json` (shapes, dtype, and the key the folder is named after). The latent
 *distribution* is cached, not one sample of it, so every step still draws a fresh latent.
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from diffusion_lab.atomic import write_folder
-from diffusion_lab.models.stable_diffusion import token_ids
+from diffusion_lab.data.transforms import batch_crop_geometry
+from diffusion_lab.models.prompts import PromptEncoder
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: rows of any latent shape (buckets), crop geometry, pooled embeddings
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -30,20 +33,26 @@ def storage_dtype(name: str) -> np.dtype:
 
 
 @torch.no_grad()
-def encode_text_batches(captions: list[str], tokenizer, text_encoder, device, batch_size: int) -> np.ndarray:
-    rows = []
+def encode_captions(
+    captions: list[str], prompts: PromptEncoder, device, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(context rows, pooled rows or None) for `captions`, through the model's own prompt encoding."""
+    hidden, pooled = [], []
     for start in range(0, len(captions), batch_size):
-        ids = token_ids(tokenizer, captions[start : start + batch_size]).to(device)
-        rows.append(text_encoder(ids)[0].float().cpu().numpy())
-    return np.concatenate(rows)
+        embeddings = prompts(captions[start : start + batch_size], device)
+        hidden.append(embeddings.hidden.float().cpu().numpy())
+        if embeddings.pooled is not None:
+            pooled.append(embeddings.pooled.float().cpu().numpy())
+    return np.concatenate(hidden), np.concatenate(pooled) if pooled else None
 
 
 @torch.no_grad()
 def write_latent_cache(
     out_dir: Path,
-    examples: Dataset,
+    batches: Iterable[dict],
     prepare_batch: Callable[[dict], dict],
-    parts: dict,
+    vae: torch.nn.Module,
+    prompts: PromptEncoder,
     *,
     flips: bool,
     key: dict,
@@ -52,18 +61,17 @@ def write_latent_cache(
     dtype: str = "float32",
     description: str = "Caching latents",
 ) -> Path:
-    """One pass of the VAE over `examples` (dicts with `pixels`, `caption`, `index`), then of the text
-    encoder over the distinct captions; written to a temporary folder renamed to `out_dir` at the end."""
+    """One pass of the VAE over `batches` (of one shape each, with `pixels`, `caption`, `index`,
+    `crop_geometry`), then of the text encoder(s) over the distinct captions; written to a temporary folder
+    renamed to `out_dir` at the end."""
     stored = storage_dtype(dtype)
-    vae, text_encoder = parts["vae"].to(device), parts["text_encoder"].to(device)
+    vae = vae.to(device)
 
     def write(folder: Path) -> None:
         captions: dict[str, int] = {"": 0}
-        caption_ids, indices, latent_shape = [], [], None
-        loader = DataLoader(examples, batch_size=batch_size, num_workers=0)
-        total = len(loader) if hasattr(examples, "__len__") else None
+        caption_ids, indices, shapes, geometry = [], [], [], []
         with open(folder / "latent_mean.bin", "wb") as means, open(folder / "latent_std.bin", "wb") as stds:
-            for batch in tqdm(loader, desc=description, total=total, unit="batch"):
+            for batch in tqdm(batches, desc=description, unit="batch"):
                 batch = prepare_batch({**batch, "pixels": batch["pixels"].to(device)})
                 if "caption" not in batch:
                     raise ValueError(
@@ -76,20 +84,31 @@ def write_latent_cache(
                 std = torch.stack([p.std for p in posteriors], dim=1).float().cpu().numpy()
                 means.write(mean.astype(stored).tobytes())
                 stds.write(std.astype(stored).tobytes())
-                latent_shape = list(mean.shape[1:])
+                shapes += [list(mean.shape[1:])] * len(mean)
+                geometry += batch_crop_geometry(batch).tolist()
                 caption_ids += [captions.setdefault(caption, len(captions)) for caption in batch["caption"]]
                 indices += torch.as_tensor(batch["index"]).tolist()
         if not indices:
             raise ValueError(f"{description}: the data yielded no examples")
-        embeddings = encode_text_batches(list(captions), parts["tokenizer"], text_encoder, device, batch_size)
-        (folder / "text_embeddings.bin").write_bytes(embeddings.astype(stored).tobytes())
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        hidden, pooled = encode_captions(list(captions), prompts, device, batch_size)
+        (folder / "text_embeddings.bin").write_bytes(hidden.astype(stored).tobytes())
+        if pooled is not None:
+            (folder / "pooled_embeddings.bin").write_bytes(pooled.astype(stored).tobytes())
+        np.save(folder / "latent_offsets.npy", offsets)
+        np.save(folder / "latent_shapes.npy", np.asarray(shapes, dtype=np.int64))
+        np.save(folder / "crop_geometry.npy", np.asarray(geometry, dtype=np.int64))
         np.save(folder / "caption_ids.npy", np.asarray(caption_ids, dtype=np.int64))
         np.save(folder / "indices.npy", np.asarray(indices, dtype=np.int64))
         (folder / "captions.json").write_text(json.dumps(list(captions)))
         meta = {
             "count": len(indices),
-            "latent_shape": latent_shape,
-            "text_shape": list(embeddings.shape[1:]),
+            "elements": int(sum(sizes)),
+            "orientations": 2 if flips else 1,
+            "latent_shapes": sorted({tuple(shape) for shape in shapes}),
+            "text_shape": list(hidden.shape[1:]),
+            "pooled_shape": None if pooled is None else list(pooled.shape[1:]),
             "num_captions": len(captions),
             "dtype": dtype,
             "key": key,
@@ -116,12 +135,14 @@ class CachedLatents(Dataset):
                 return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=tuple(shape))
 
             self._arrays = {
-                "mean": mapped("latent_mean.bin", [meta["count"], *meta["latent_shape"]]),
-                "std": mapped("latent_std.bin", [meta["count"], *meta["latent_shape"]]),
+                "mean": mapped("latent_mean.bin", [meta["elements"]]),
+                "std": mapped("latent_std.bin", [meta["elements"]]),
                 "text": mapped("text_embeddings.bin", [meta["num_captions"], *meta["text_shape"]]),
-                "caption_ids": np.load(self.folder / "caption_ids.npy"),
-                "indices": np.load(self.folder / "indices.npy"),
+                **{name: np.load(self.folder / f"{name}.npy") for name in _ROW_ARRAYS},
             }
+            if meta["pooled_shape"] is not None:
+                shape = [meta["num_captions"], *meta["pooled_shape"]]
+                self._arrays["pooled"] = mapped("pooled_embeddings.bin", shape)
         return self._arrays
 
     def __len__(self) -> int:
@@ -129,20 +150,30 @@ class CachedLatents(Dataset):
 
     @property
     def orientations(self) -> int:
-        return self.meta["latent_shape"][0]
+        return self.meta["orientations"]
 
     def __getitem__(self, i: int) -> dict:
         arrays = self._open()
         caption_id = int(arrays["caption_ids"][i])
+        offset, shape = int(arrays["latent_offsets"][i]), tuple(int(n) for n in arrays["latent_shapes"][i])
+        size = int(np.prod(shape))
 
         def tensor(array) -> torch.Tensor:
             return torch.from_numpy(np.array(array, dtype=np.float32))
 
-        return {
-            "latent_mean": tensor(arrays["mean"][i]),
-            "latent_std": tensor(arrays["std"][i]),
+        row = {
+            "latent_mean": tensor(arrays["mean"][offset : offset + size]).view(shape),
+            "latent_std": tensor(arrays["std"][offset : offset + size]).view(shape),
             "text_embedding": tensor(arrays["text"][caption_id]),
             "empty_text_embedding": tensor(arrays["text"][0]),
+            "crop_geometry": torch.from_numpy(arrays["crop_geometry"][i].copy()),
             "caption": self.captions[caption_id],
             "index": int(arrays["indices"][i]),
         }
+        if "pooled" in arrays:
+            row["pooled_text_embedding"] = tensor(arrays["pooled"][caption_id])
+            row["empty_pooled_text_embedding"] = tensor(arrays["pooled"][0])
+        return row
+
+
+_ROW_ARRAYS = ("latent_offsets", "latent_shapes", "crop_geometry", "caption_ids", "indices")

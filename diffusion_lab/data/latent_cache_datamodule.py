@@ -10,11 +10,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion_lab.data.bucket_batching import batches_by_shape
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
-from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader
-from diffusion_lab.data.transforms import random_flips
+from diffusion_lab.data.loaders import (
+    PrefetchAwareLoader,
+    ignore_stop_signals,
+    rank_and_world_size,
+    resumable_loader,
+)
+from diffusion_lab.data.stream import ImageStream
+from diffusion_lab.data.transforms import flip_crop_geometry, random_flips
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
 
@@ -27,15 +34,19 @@ SPLITS = ("train", "val")
 class LatentCacheDataModule(L.LightningDataModule):
     """Wraps an image DataModule (`images`, any `data=` option with captions).
 
-    `prepare_data` (once per node, before any rank trains) runs the frozen VAE and text encoder of
-    `pretrained` over each split once and writes the result under `cache_dir/<key>/<split>/`. The key is a
-    hash of everything that changes the cache's contents: the exact frozen weights (hub commit or local
-    files), the data settings (source, resolution, crop, flip, captions, held-out split), the encoders'
-    dtypes and the storage dtype. A changed setting gets a new folder; nothing stale is ever read (stale
-    embeddings after a precision change gave NaN losses in kohya-ss/sd-scripts PR 1413).
+    `prepare_data` (once per node, before any rank trains) runs the frozen VAE and text encoder(s) of
+    `pretrained` (and the replacement `vae`, if any) over each split once and writes the result under
+    `cache_dir/<key>/<split>/`. The key is a hash of everything that changes the cache's contents: the exact
+    frozen weights (hub commit or local files), the images' files (path, size, modification time of each),
+    the data settings (source, resolution, bucket set, crop, flip, captions, held-out split), the encoders'
+    dtypes and the storage dtype. A changed setting or image gets a new folder; nothing stale is ever read
+    (stale embeddings after a precision change gave NaN losses in kohya-ss/sd-scripts PR 1413; latents not
+    rebuilt after a bucket change in kohya-ss/sd-scripts issue 1771).
 
     Batches: `latent_mean`, `latent_std` (one orientation, chosen per image and step when the data flips
-    at random), `text_embedding`, `empty_text_embedding`, `caption`, `index`.
+    at random), `crop_geometry`, `text_embedding`, `empty_text_embedding` (SDXL: `pooled_text_embedding`,
+    `empty_pooled_text_embedding`), `caption`, `index`. With bucketed images every training batch is one
+    bucket, read through the same `ImageStream` as images are (exact resume, nothing dropped).
     """
 
     def __init__(
@@ -44,6 +55,7 @@ class LatentCacheDataModule(L.LightningDataModule):
         pretrained: str,
         cache_dir: str,
         revision: str | None = None,
+        vae: str | None = None,
         vae_dtype: str | None = "float32",
         text_encoder_dtype: str = "float32",
         storage_dtype: str = "float32",
@@ -60,12 +72,13 @@ class LatentCacheDataModule(L.LightningDataModule):
         self.train_set: CachedLatents | None = None
         self.val_set: CachedLatents | None = None
         self._fingerprint: str | None = None
+        self._contents: dict[str, str | None] = {}
 
     # ---- where ----------------------------------------------------------------------------------------
     def cache_key(self, split: str) -> dict:
         h = self.hparams
         if self._fingerprint is None:
-            self._fingerprint = frozen_parts_fingerprint(h.pretrained, h.revision)
+            self._fingerprint = frozen_parts_fingerprint(h.pretrained, h.revision, h.vae)
         return {
             "format": CACHE_FORMAT,
             "frozen_parts": self._fingerprint,
@@ -73,8 +86,17 @@ class LatentCacheDataModule(L.LightningDataModule):
             "text_encoder_dtype": str(h.text_encoder_dtype),
             "storage_dtype": h.storage_dtype,
             "data": data_identity(self.images),
+            "content": self._content(split),
             "split": split,
         }
+
+    def _content(self, split: str) -> str | None:
+        """A digest of the split's images (each file's path, size, modification time), where the data lists
+        files; memoised, as every lookup of the folder asks for it."""
+        if split not in self._contents:
+            content_key = getattr(self.images, "content_key", None)
+            self._contents[split] = content_key(split) if content_key else None
+        return self._contents[split]
 
     def cache_folder(self, split: str) -> Path:
         key = self.cache_key(split)
@@ -92,16 +114,18 @@ class LatentCacheDataModule(L.LightningDataModule):
         h = self.hparams
         self.images.prepare_data()
         self.images.setup("fit")
-        parts = load_text_and_vae(h.pretrained, h.revision)
+        parts = load_text_and_vae(h.pretrained, h.revision, h.vae)
         if h.vae_dtype is not None:
             parts["vae"].to(dtype_from_name(h.vae_dtype))
-        parts["text_encoder"].to(dtype_from_name(h.text_encoder_dtype))
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for encoder in parts["prompts"].text_encoders:
+            encoder.to(device=device, dtype=dtype_from_name(h.text_encoder_dtype))
         for split in missing:
             examples, flips = self.images.examples_for_cache(split)
             folder = write_latent_cache(
-                self.cache_folder(split), examples, lambda batch: self.images.on_after_batch_transfer(batch, 0),
-                parts, flips=flips and split == "train", key=self.cache_key(split), device=device,
+                self.cache_folder(split), batches_by_shape(examples, h.encode_batch_size),
+                lambda batch: self.images.on_after_batch_transfer(batch, 0), parts["vae"], parts["prompts"],
+                flips=flips and split == "train", key=self.cache_key(split), device=device,
                 batch_size=h.encode_batch_size, dtype=h.storage_dtype, description=f"Caching latents ({split})",
             )  # fmt: skip
             log.info("latent cache (%s): wrote %s", split, folder)
@@ -124,6 +148,17 @@ class LatentCacheDataModule(L.LightningDataModule):
         self.train_set, self.val_set = CachedLatents(folders["train"]), CachedLatents(folders["val"])
 
     def train_dataloader(self):
+        if getattr(self.images, "bucket_set", None) is not None:  # one bucket a batch
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            stream = ImageStream(
+                self.train_set, cached_row, rank=rank, world_size=world, shuffle=True, seed=self.hparams.seed,
+                epochs=None, bucket_of=latent_shape, batch_size=self.batch_size,
+            )  # fmt: skip
+            workers = self.hparams.num_workers
+            return PrefetchAwareLoader(
+                stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                worker_init_fn=ignore_stop_signals,
+            )  # fmt: skip
         return resumable_loader(
             self.train_set, self.batch_size, shuffle=True, seed=self.hparams.seed,
             num_workers=self.hparams.num_workers, drop_last=len(self.train_set) >= self.batch_size,
@@ -143,4 +178,17 @@ class LatentCacheDataModule(L.LightningDataModule):
             choice = flips.long().to(mean.device)
         else:
             choice = torch.zeros(len(mean), dtype=torch.long, device=mean.device)
-        return {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice]}
+        batch = {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice]}
+        if "crop_geometry" in batch:
+            batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], choice.bool())
+        return batch
+
+
+def cached_row(row: dict, entropy: int, index: int) -> dict:
+    """A cache row is already an example (with its source's `index`, which keys its noise)."""
+    return row
+
+
+def latent_shape(example: dict) -> tuple[int, ...]:
+    """A cached example's bucket: the shape of its latents."""
+    return tuple(example["latent_mean"].shape)

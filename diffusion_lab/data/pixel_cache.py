@@ -2,10 +2,11 @@
 
 On flowers-12 at 32 px the loader workers that decode and resize 224 px JPEGs share the two cores with the
 model, and training ran at 30 img/s where loops over preloaded tensors ran at 36-46 (issue 13). The cache
-holds each row resized so its shorter side is the training size (`transforms.resize_shorter_side`, the
-margin random crops need), as uint8 in one flat file; crops and flips are still drawn per step, so a cached
-batch is the same pixels as a decoded one. Like the latent cache it lives in a folder named by a hash of
-everything that changes its contents (the rows' files, the resolution, the channels), written then renamed.
+holds each row resized so its shorter side is the training size (`transforms.resize_to_cover` for the square
+crop: the margin random crops need) with the file's own size, as uint8 in one flat file; crops and flips are
+still drawn per step, so a cached batch is the same pixels as a decoded one. Like the latent cache it lives in
+a folder named by a hash of everything that changes its contents (the rows' files, the resolution, the
+channels), written then renamed.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ from diffusion_lab.data.decoding import BadSample
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the original size of each row (SDXL conditions on it)
 _PIXELS, _INDEX, _META = "pixels.u8", "index.npy", "meta.json"
 
 
@@ -65,25 +66,28 @@ def build_pixel_cache(
     folder: Path,
     rows: Iterable[tuple[int, object]],
     count: int,
-    decode: Callable[[object], np.ndarray],
+    decode: Callable[[object], tuple[np.ndarray, tuple[int, int]]],
     key: dict,
     description: str = "Caching pixels",
 ) -> Path:
-    """Decode every row once (`decode(value) -> uint8 HWC`, raising BadSample for a bad one) into `folder`."""
+    """Decode every row once (`decode(value) -> (uint8 HWC, the file's (width, height))`, raising BadSample
+    for a bad one) into `folder`."""
 
     def write(staging: Path) -> None:
-        index = np.zeros((count, 3), dtype=np.int64)  # offset, height, width (height 0: a bad row)
+        # offset, height, width, original width, original height (height 0: a bad row)
+        index = np.zeros((count, 5), dtype=np.int64)
         bad: dict[int, str] = {}
         offset = 0
         with open(staging / _PIXELS, "wb") as pixels:
             for row, value in tqdm(rows, total=count, desc=description, leave=False):
                 try:
-                    array = np.ascontiguousarray(decode(value))
+                    array, original = decode(value)
+                    array = np.ascontiguousarray(array)
                 except BadSample as error:
                     bad[row] = str(error)
                     continue
                 pixels.write(array.tobytes())
-                index[row] = (offset, array.shape[0], array.shape[1])
+                index[row] = (offset, array.shape[0], array.shape[1], *original)
                 offset += array.size
         np.save(staging / _INDEX, index)
         meta = {"key": key, "rows": count, "bytes": offset, "bad_rows": bad}
@@ -93,7 +97,8 @@ def build_pixel_cache(
 
 
 class PixelCache:
-    """Read side: `cache[row]` is the uint8 HWC array of a row, or BadSample with the reason it was skipped."""
+    """Read side: `cache[row]` is (the uint8 HWC array of a row, its file's (width, height)), or BadSample with
+    the reason it was skipped."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -110,14 +115,13 @@ class PixelCache:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pixels": None}
 
-    def __getitem__(self, row: int) -> np.ndarray:
+    def __getitem__(self, row: int) -> tuple[np.ndarray, tuple[int, int]]:
         if row in self.bad_rows:
             raise BadSample(self.bad_rows[row])
         if self._pixels is None:
             self._pixels = np.memmap(
                 self.folder / _PIXELS, dtype=np.uint8, mode="r", shape=(max(1, self._bytes),)
             )
-        offset, height, width = (int(v) for v in self.index[row])
-        return self._pixels[offset : offset + height * width * self.channels].reshape(
-            height, width, self.channels
-        )
+        offset, height, width, original_width, original_height = (int(v) for v in self.index[row])
+        pixels = self._pixels[offset : offset + height * width * self.channels]
+        return pixels.reshape(height, width, self.channels), (original_width, original_height)

@@ -1,14 +1,15 @@
 """An endless, sharded, resumable stream of training examples over a datasets.Dataset or IterableDataset."""
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from diffusion_lab.core.random import mix_key
+from diffusion_lab.data.bucket_batching import BucketBatcher, Waiting
 from diffusion_lab.data.decoding import BadDataTally, BadSample
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,12 @@ class ImageStream(IterableDataset):
     `epochs=None` streams forever: training length is `trainer.max_steps`. `to_example(row, entropy, index)`
     decodes a row or raises BadSample, which is skipped and counted; its random augmentation uses the bits
     of `entropy`, a hash of (seed, epoch, row), so it does not depend on workers, ranks or resumes.
+
+    With `bucket_of` (example -> its bucket, e.g. its shape) the stream yields whole batches of `batch_size`,
+    each from one bucket (`bucket_batching.BucketBatcher`: partial buckets carry over to the next epoch; a
+    finite stream ends with them). The buffer is part of the state: map-style rows are read again by index
+    on resume, streamed rows are saved whole (at most buckets x (batch_size - 1) rows per worker), so a
+    bucketed resume continues with exactly the batches an uninterrupted run would have made.
     """
 
     def __init__(
@@ -46,6 +53,8 @@ class ImageStream(IterableDataset):
         epochs: int | None = None,
         max_bad_fraction: float = 0.01,
         describe_row: Callable[[dict, int], str] | None = None,
+        bucket_of: Callable[[dict], Hashable] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.dataset, self.to_example = dataset, to_example
         self.rank, self.world_size = rank, world_size
@@ -53,6 +62,9 @@ class ImageStream(IterableDataset):
         self.describe_row = describe_row or (lambda row, index: f"row {index}")
         self.tally = BadDataTally(max_bad_fraction)
         self.epoch, self.position, self.stream_state = 0, 0, None
+        self.bucket_of = bucket_of
+        self.batcher = BucketBatcher(batch_size) if bucket_of is not None else None
+        self.waiting_state: dict | None = None
         self._stream: datasets.IterableDataset | None = None
 
     @property
@@ -87,25 +99,60 @@ class ImageStream(IterableDataset):
             self.position += 1
             yield index, row
 
+    def _example(self, row: dict, epoch: int, index: int) -> dict | None:
+        """`to_example` with the stream's per-example entropy; None (skipped, counted) for a bad row."""
+        try:
+            example = self.to_example(row, mix_key(self.seed, epoch, index), index)
+        except BadSample as error:
+            self.tally.skip(self.describe_row(row, index), str(error))
+            return None
+        self.tally.ok()
+        example.setdefault("index", index)  # a cache row brings its source's index, which keys its noise
+        return example
+
+    def _restore_waiting(self) -> None:
+        """The bucket buffer of a resumed stream, rebuilt from its saved (epoch, index, row) entries."""
+        state, self.waiting_state = self.waiting_state, None
+        for bucket, items in (state or {}).items():
+            for item in items:
+                row = item["row"] if item["row"] is not None else self.dataset[item["index"]]
+                example = self.to_example(
+                    row, mix_key(self.seed, item["epoch"], item["index"]), item["index"]
+                )
+                example.setdefault("index", item["index"])
+                self.batcher.pending.setdefault(bucket, []).append(Waiting(**item, example=example))
+
+    def _batched(self, examples: Iterator[tuple[dict, dict, int]]) -> Iterator[dict]:
+        """Examples, or with buckets their batches of one bucket each."""
+        for example, row, index in examples:
+            if self.batcher is None:
+                yield example
+                continue
+            waiting = Waiting(self.epoch, index, row if self.is_streaming else None, example)
+            batch = self.batcher.add(self.bucket_of(example), waiting)
+            if batch is not None:
+                yield default_collate([item.example for item in batch])
+
+    def _epoch_examples(
+        self, worker: int, workers: int, counter: list[int]
+    ) -> Iterator[tuple[dict, dict, int]]:
+        rows = self._streamed_rows if self.is_streaming else self._map_rows
+        for index, row in rows(worker, workers):
+            example = self._example(row, self.epoch, index)
+            if example is not None:
+                counter[0] += 1
+                yield example, row, index
+
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        rows = self._streamed_rows if self.is_streaming else self._map_rows
+        if self.batcher is not None:
+            self._restore_waiting()
         while self.epochs is None or self.epoch < self.epochs:
-            yielded = 0
-            for index, row in rows(worker, workers):
-                entropy = mix_key(self.seed, self.epoch, index)
-                try:
-                    example = self.to_example(row, entropy, index)
-                except BadSample as error:
-                    self.tally.skip(self.describe_row(row, index), str(error))
-                    continue
-                self.tally.ok()
-                example["index"] = index
-                yielded += 1
-                yield example
+            yielded = [0]
+            yield from self._batched(self._epoch_examples(worker, workers, yielded))
             if self.tally.bad and self.tally.bad / max(1, self.tally.seen) > self.tally.max_bad_fraction:
                 self.tally.fail()
-            if not yielded and self.epochs is None:  # an endless stream that yields nothing would hang
+            if not yielded[0] and self.epochs is None:  # an endless stream that yields nothing would hang
                 raise RuntimeError(
                     f"rank {self.rank}, loader worker {worker} got no usable rows in epoch {self.epoch} "
                     f"({self.tally.bad} skipped): the dataset is empty, every row is bad, or it has fewer "
@@ -113,6 +160,9 @@ class ImageStream(IterableDataset):
                 )
             self.epoch += 1
             self.position = 0
+        if self.batcher is not None:  # a finite stream ends with its partial buckets
+            for batch in self.batcher.flush():
+                yield default_collate([item.example for item in batch])
         # A finite stream (validation) starts over next time, also in a persistent worker.
         self.epoch = 0
 
@@ -120,9 +170,12 @@ class ImageStream(IterableDataset):
         state = {"epoch": self.epoch, "position": self.position, "tally": self.tally.state_dict()}
         if self.is_streaming and self._stream is not None:
             state["stream"] = self._stream.state_dict()
+        if self.batcher is not None:
+            state["waiting"] = self.batcher.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self.tally.load_state_dict(state["tally"])
         self.stream_state = state.get("stream")
+        self.waiting_state = state.get("waiting")

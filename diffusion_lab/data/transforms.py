@@ -1,4 +1,4 @@
-"""PIL image -> training tensor: shorter side to size, square crop; random flips on the device.
+"""PIL image -> training tensor: resized to cover its bucket (or square), cropped; random flips on the device.
 
 Loader workers return uint8 pixels in HWC order, as PIL lays them out; `to_signed_unit` turns a batch of
 them into [-1, 1] float NCHW after it reached the device (the DataModule's `on_after_batch_transfer`): a
@@ -10,34 +10,24 @@ import torch
 from PIL import Image
 
 from diffusion_lab.core.random import FLIP_SALT, keyed_coin, salted, sample_keys
+from diffusion_lab.data.buckets import CropPlan
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> np.ndarray:
-    """The whole image with its shorter side at `size`, as uint8 HWC: what a crop is cut from (and what the
-    pixel cache stores, so that cached and decoded crops are the same pixels)."""
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    resized = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+def resize_to_cover(image: Image.Image, plan: CropPlan) -> np.ndarray:
+    """The whole image at `plan.resized`, as uint8 HWC: what the crop is cut from (and what the pixel cache
+    stores for a square plan, so that cached and decoded crops are the same pixels)."""
+    resized = image.resize(plan.resized, Image.BILINEAR, reducing_gap=None)
     pixels = np.asarray(resized, dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-class SquareCrop:
-    """A `size` x `size` crop of a `resize_shorter_side` array: centred, or at an offset taken from the bits
-    of `entropy`, a per-example hash the stream derives from (seed, epoch, row), so augmentation survives
-    resume exactly. Flips are not drawn here but on the device (`random_flips`), keyed like the noise."""
-
-    def __init__(self, size: int, center_crop: bool = True) -> None:
-        self.size, self.center_crop = size, center_crop
-
-    def __call__(self, pixels: np.ndarray, entropy: int = 0) -> torch.Tensor:
-        spare_y, spare_x = pixels.shape[0] - self.size, pixels.shape[1] - self.size
-        if self.center_crop:
-            left, top = spare_x // 2, spare_y // 2
-        else:
-            left, top = (entropy >> 8) % (spare_x + 1), (entropy >> 24) % (spare_y + 1)
-        crop = pixels[top : top + self.size, left : left + self.size]
-        return torch.from_numpy(crop.copy())  # a copy: `pixels` may be a read-only memory map
+def crop(pixels: np.ndarray, plan: CropPlan) -> torch.Tensor:
+    """The plan's bucket cut from a `resize_to_cover` array at the plan's (top, left). The offsets come from
+    the bits of a per-example hash (`buckets.cover_and_crop`), so augmentation survives resume exactly;
+    flips are drawn on the device (`random_flips`), keyed like the noise."""
+    bucket = plan.bucket
+    window = pixels[plan.top : plan.top + bucket.height, plan.left : plan.left + bucket.width]
+    return torch.from_numpy(window.copy())  # a copy: `pixels` may be a read-only memory map
 
 
 def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -57,3 +47,22 @@ def flip_rows(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W) mirrored left-right where `flips` is True."""
     mask = flips.to(images.device).view(-1, *([1] * (images.ndim - 1)))
     return torch.where(mask, images.flip(-1), images)
+
+
+def flip_crop_geometry(geometry: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """`crop_geometry` rows (see `CropPlan.geometry`) of mirrored images: the crop's left edge measured in the
+    mirrored image, as if it had been flipped before the crop (what SDXL's training script does)."""
+    left = geometry[:, 7] - geometry[:, 3] - geometry[:, 5]
+    mirrored = geometry.clone()
+    mirrored[:, 3] = left
+    return torch.where(flips.to(geometry.device).view(-1, 1), mirrored, geometry)
+
+
+def batch_crop_geometry(batch: dict) -> torch.Tensor:
+    """The batch's `crop_geometry`; for data that makes no crop (the embedded digits), the whole image:
+    original = target = the pixels' size, offset 0."""
+    if "crop_geometry" in batch:
+        return torch.as_tensor(batch["crop_geometry"])
+    *_, height, width = batch["pixels"].shape
+    whole = torch.tensor([height, width, 0, 0, height, width, height, width], dtype=torch.long)
+    return whole.repeat(len(batch["pixels"]), 1)

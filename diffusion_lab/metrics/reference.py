@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from diffusion_lab.data.bucket_batching import batches_by_shape
 from diffusion_lab.data.decoding import BadSample, decode_image
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.metrics.protocol import as_rgb_uint8
@@ -33,7 +33,7 @@ def dataset_batches(
             f"{type(datamodule).__name__} cannot list its images once each (no examples_for_cache)"
         )
     examples, _ = datamodule.examples_for_cache(split)
-    for batch in DataLoader(examples, batch_size=batch_size, num_workers=0):
+    for batch in batches_by_shape(examples, batch_size):  # one bucket a batch, where the data has buckets
         batch = datamodule.on_after_batch_transfer(batch, 0)  # uint8 HWC -> [-1, 1] NCHW where needed
         yield as_rgb_uint8(batch["pixels"]), batch.get("caption")
 

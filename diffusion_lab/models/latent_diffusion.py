@@ -1,21 +1,24 @@
-"""Latent Stable Diffusion fine-tuning as a LightningModule: frozen VAE and CLIP text encoder, trainable UNet."""
+"""Latent Stable Diffusion (1.x/2.x and XL) fine-tuning as a LightningModule: frozen VAE and text encoder(s),
+trainable UNet."""
 
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import SchedulerMixin, StableDiffusionPipeline
+from diffusers import SchedulerMixin, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusion_lab.core.random import CAPTION_DROPOUT_SALT, keyed_coin, keyed_gaussian_sample, salted
 from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.data.transforms import batch_crop_geometry
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 from diffusion_lab.models.lora import ATTENTION_PROJECTIONS, add_lora, has_lora, save_lora
+from diffusion_lab.models.prompts import PromptEmbeddings
 from diffusion_lab.models.serialization import current_key, describe_components
-from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_and_scheduler, token_ids
+from diffusion_lab.models.stable_diffusion import load_text_and_vae, load_unet_and_scheduler
 
 
 def _public(config) -> dict:
@@ -23,17 +26,22 @@ def _public(config) -> dict:
 
 
 class LatentDiffusion(DiffusionModel):
-    """Tokenizer, text encoder and VAE (frozen) around the trainable UNet `net`; x0 is the VAE's scaled
-    latents, the conditioning the text encoder's states (the empty prompt's with probability
-    `caption_dropout`). The objective starts from the checkpoint's noise scheduler.
+    """Tokenizer(s), text encoder(s) and VAE (frozen) around the trainable UNet `net`; x0 is the VAE's scaled
+    latents, the conditioning the prompt's embeddings (the empty prompt's with probability `caption_dropout`).
+    The objective starts from the checkpoint's noise scheduler.
 
     Everything loads with `from_pretrained(pretrained, subfolder=...)`: a hub id
-    (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local folder in the same layout (`diffusion-lab
-    tiny-sd`). The VAE and text encoder are frozen (`requires_grad_(False)`, kept in eval mode, no
-    optimizer state, left out of checkpoints); only the UNet trains, or only its LoRA adapters.
+    (`stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0`) or a local
+    folder in the same layout (`diffusion-lab tiny-sd [variant=sdxl]`). A checkpoint with `text_encoder_2`
+    is SDXL: the two encoders' context and pooled embedding (`prompts.PromptEncoder`) and the
+    micro-conditioning `time_ids` (original size, crop top-left, target size) of each image's real crop
+    (`crop_geometry`, arXiv:2307.01952 section 2.2). Nothing else differs: one training step for both. The
+    VAE and text encoders are frozen (`requires_grad_(False)`, kept in eval mode, no optimizer state, left
+    out of checkpoints); only the UNet trains, or only its LoRA adapters.
 
-    Batches carry either images (`pixels` in [-1, 1] and `caption`) or what `LatentCacheDataModule` stored
-    for them (`latent_mean`, `latent_std`, `text_embedding`, `empty_text_embedding`); both carry `index`.
+    Batches carry either images (`pixels` in [-1, 1], `caption`, `crop_geometry`) or what
+    `LatentCacheDataModule` stored for them (`latent_mean`, `latent_std`, `text_embedding`,
+    `empty_text_embedding`, SDXL: `pooled_text_embedding`, `empty_pooled_text_embedding`); both carry `index`.
     """
 
     def __init__(
@@ -49,13 +57,17 @@ class LatentDiffusion(DiffusionModel):
         noise_seed: int = 0,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
+        vae: str | None = None,
         vae_dtype: str | None = "float32",
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
         val_timestep_levels: int = 10,
     ) -> None:
-        parts = {**load_text_and_vae(pretrained, revision), **load_unet_and_scheduler(pretrained, revision)}
+        parts = {
+            **load_text_and_vae(pretrained, revision, vae),
+            **load_unet_and_scheduler(pretrained, revision),
+        }
         noise_scheduler = parts["noise_scheduler"]
         base_scheduler_config = dict(noise_scheduler.config)
         if prediction_type is not None:  # e.g. fine-tune an epsilon model into v-prediction
@@ -70,8 +82,9 @@ class LatentDiffusion(DiffusionModel):
             )
         self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
         self._base_scheduler_config = base_scheduler_config
-        self.tokenizer = parts["tokenizer"]
-        self.text_encoder = parts["text_encoder"]
+        self.tokenizer, self.tokenizer_2 = parts["tokenizer"], parts.get("tokenizer_2")
+        self.text_encoder, self.text_encoder_2 = parts["text_encoder"], parts.get("text_encoder_2")
+        self.prompts = parts["prompts"]
         self.vae = parts["vae"]
         self.net = parts["unet"]
         self._vae_dtype = dtype_from_name(vae_dtype)
@@ -89,9 +102,18 @@ class LatentDiffusion(DiffusionModel):
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode at fit start; the frozen parts stay in eval.
         super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
+            if frozen is not None:
+                frozen.eval()
         return self
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.prompts.pooled
+
+    @property
+    def pipeline_class(self) -> type:
+        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
 
     def on_fit_start(self) -> None:
         # A "true" precision (bf16-true) has cast every weight by now; the VAE goes back to its own dtype
@@ -118,11 +140,12 @@ class LatentDiffusion(DiffusionModel):
         mean, std = self.encode_posterior(pixels)
         return self.scale_latents(keyed_gaussian_sample(mean, std, keys))
 
-    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> PromptEmbeddings:
+        return self.prompts(captions, self.device)
+
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        """CLIP's last hidden states, the UNet's cross-attention context."""
-        ids = token_ids(self.tokenizer, list(captions)).to(self.device)
-        return self.text_encoder(ids)[0]
+        """The UNet's cross-attention context for `captions`."""
+        return self.encode_prompts(captions).hidden
 
     # ---- what the UNet sees -------------------------------------------------------------------------
     def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
@@ -142,21 +165,40 @@ class LatentDiffusion(DiffusionModel):
         return keyed_coin(salted(keys, CAPTION_DROPOUT_SALT), self.hparams.caption_dropout)
 
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
-        """Caption embeddings as the UNet's cross-attention context; in training (`keys` given) some are
-        dropped to the empty prompt's."""
+        """The prompt embeddings (and for SDXL the pooled embedding and `time_ids`); in training (`keys`
+        given) some captions are dropped to the empty prompt's embeddings, both encoders' together."""
         dropped = torch.zeros(len(batch["index"]), dtype=torch.bool)
         if keys is not None:
             dropped = self.caption_dropped(keys)
-        if "text_embedding" in batch:  # cached: the text encoder never runs
-            mask = dropped.to(batch["text_embedding"].device).view(-1, 1, 1)
-            context = torch.where(mask, batch["empty_text_embedding"], batch["text_embedding"])
+        if "text_embedding" in batch:  # cached: the text encoders never run
+
+            def chosen(name: str) -> torch.Tensor:
+                mask = dropped.to(batch[name].device).view(-1, *([1] * (batch[name].ndim - 1)))
+                return torch.where(mask, batch[f"empty_{name}"], batch[name])
+
+            pooled = self.is_sdxl and "pooled_text_embedding" in batch
+            prompts = PromptEmbeddings(
+                chosen("text_embedding"), chosen("pooled_text_embedding") if pooled else None
+            )
         else:
             captions = [
                 "" if drop else caption
                 for caption, drop in zip(batch["caption"], dropped.tolist(), strict=True)
             ]
-            context = self.encode_text(captions)
-        return {"encoder_hidden_states": context.to(self.net.dtype)}
+            prompts = self.encode_prompts(captions)
+        dtype = self.net.dtype
+        kwargs = {"encoder_hidden_states": prompts.hidden.to(dtype)}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": prompts.pooled.to(dtype),
+                "time_ids": self.time_ids(batch),
+            }
+        return kwargs
+
+    def time_ids(self, batch: dict) -> torch.Tensor:
+        """SDXL's micro-conditioning per image: original (height, width), crop (top, left), target (height,
+        width), from the crop the data actually made (`crop_geometry`, flips included)."""
+        return batch_crop_geometry(batch)[:, :6].to(self.device, self.net.dtype)
 
     # ---- checkpoints: the trainable weights only ----------------------------------------------------
     def _frozen_names(self) -> set[str]:
@@ -177,13 +219,20 @@ class LatentDiffusion(DiffusionModel):
         checkpoint["state_dict"] = {**{k: current[k] for k in frozen}, **trained}
 
     # ---- using the result ---------------------------------------------------------------------------
-    def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
-        """A StableDiffusionPipeline over this module's own parts (no copies)."""
+    def pipeline(
+        self, scheduler: SchedulerMixin | None = None
+    ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over this module's own parts (no copies)."""
+        common = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.net,
+                  "scheduler": scheduler or self.noise_scheduler}  # fmt: skip
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(
+                **common, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                force_zeros_for_empty_prompt=self.prompts.zeros_for_empty_prompt, add_watermarker=False,
+            )  # fmt: skip
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.net,
-            scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )  # fmt: skip
+            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
 
     def sampling_scheduler(self) -> SchedulerMixin:
         """What exports carry: DDIM on the training schedule (see `save_pipeline`); for a flow model
@@ -201,6 +250,7 @@ class LatentDiffusion(DiffusionModel):
         when the training schedule differs from the base model's (e.g. `prediction_type=v_prediction`)."""
         if has_lora(self.net):
             changed = _public(self.noise_scheduler.config) != _public(self._base_scheduler_config)
-            return save_lora(self.net, out_dir, scheduler=self.sampling_scheduler() if changed else None)
+            scheduler = self.sampling_scheduler() if changed else None
+            return save_lora(self.net, out_dir, self.pipeline_class, scheduler=scheduler)
         self.pipeline(scheduler=self.sampling_scheduler()).save_pretrained(out_dir)
         return Path(out_dir)

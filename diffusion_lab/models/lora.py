@@ -37,14 +37,17 @@ def has_lora(unet: UNet2DConditionModel) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def save_lora(unet: UNet2DConditionModel, out_dir: str | Path, scheduler=None) -> Path:
-    """`pytorch_lora_weights.safetensors`, which `pipeline.load_lora_weights(out_dir)` reads, with the adapter's
+def save_lora(
+    unet: UNet2DConditionModel, out_dir: str | Path, pipeline_class=StableDiffusionPipeline, scheduler=None
+) -> Path:
+    """`pytorch_lora_weights.safetensors`, written by `pipeline_class.save_lora_weights` (StableDiffusionPipeline
+    or StableDiffusionXLPipeline), which `pipeline.load_lora_weights(out_dir)` reads, with the adapter's
     config (rank, alpha, target modules) in its metadata: without it diffusers reloads with alpha = rank, so an
     adapter trained at alpha 16, rank 4 would sample at scale 1 instead of 4 (what diffusers' own scripts pass
     via `_collate_lora_metadata`). `scheduler`, when given, goes to `scheduler/`: a sampler on the schedule the
     adapter was trained for, where it differs from the base model's."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_class.save_lora_weights(
         save_directory=str(out_dir),
         unet_lora_layers=layers,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),

@@ -1,40 +1,59 @@
-"""Loading the parts of a Stable Diffusion checkpoint, and naming exactly which checkpoint they came from."""
+"""Loading the parts of a Stable Diffusion (1.x/2.x or XL) checkpoint, and naming exactly which files they came
+from."""
 
 import hashlib
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-FROZEN_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
+from diffusion_lab.models.prompts import PromptEncoder
 
-
-def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """CLIP input ids, padded to the tokenizer's full context (77) as Stable Diffusion was trained."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+FROZEN_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-def load_text_and_vae(pretrained: str, revision: str | None = None) -> dict:
-    """The frozen parts: tokenizer, CLIP text encoder and VAE, `requires_grad_(False)` and in eval mode."""
+def pipeline_index(pretrained: str, revision: str | None = None) -> dict:
+    """The checkpoint's `model_index.json`: which components it has (SDXL: a second text encoder)."""
+    return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
+
+
+def is_sdxl(index: dict) -> bool:
+    return any(part is not None for part in index.get("text_encoder_2") or [])
+
+
+def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | None = None) -> dict:
+    """The frozen parts, `requires_grad_(False)` and in eval mode: the tokenizer(s), text encoder(s) (SDXL:
+    `text_encoder_2` with its projection) and the VAE, from `pretrained`'s `vae/` or from `vae`, a folder
+    or hub id of a replacement (`madebyollin/sdxl-vae-fp16-fix`: SDXL's VAE, fine-tuned not to overflow in
+    fp16)."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
+    index = pipeline_index(pretrained, revision)
     parts = {
         "tokenizer": CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer"),
         "text_encoder": CLIPTextModel.from_pretrained(**source, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(**source, subfolder="vae"),
+        "vae": AutoencoderKL.from_pretrained(vae)
+        if vae
+        else AutoencoderKL.from_pretrained(**source, subfolder="vae"),
     }
-    for name in ("text_encoder", "vae"):
-        parts[name].requires_grad_(False).eval()
+    if is_sdxl(index):
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer_2")
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            **source, subfolder="text_encoder_2"
+        )
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if name in parts:
+            parts[name].requires_grad_(False).eval()
+    parts["prompts"] = PromptEncoder(
+        [parts[name] for name in ("tokenizer", "tokenizer_2") if name in parts],
+        [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts],
+        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+    )
     return parts
 
 
 def load_unet_and_scheduler(pretrained: str, revision: str | None = None) -> dict:
+    """The UNet, and the training noise schedule as a DDPMScheduler (SDXL ships an Euler sampler config on the
+    same betas: diffusers' SDXL training scripts read it the same way)."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
     return {
         "unet": UNet2DConditionModel.from_pretrained(**source, subfolder="unet"),
@@ -42,17 +61,24 @@ def load_unet_and_scheduler(pretrained: str, revision: str | None = None) -> dic
     }
 
 
-def frozen_parts_fingerprint(pretrained: str, revision: str | None = None) -> str:
-    """Names the exact VAE / text encoder / tokenizer files: a hub snapshot's commit, or a local folder's
-    file sizes and modification times. Anything cached from their outputs is keyed on this."""
-    folder = Path(pretrained)
+def _fingerprint(name_or_path: str, revision: str | None, subfolders: tuple[str, ...]) -> str:
+    folder = Path(name_or_path)
     if folder.is_dir():
-        files = sorted(p for sub in FROZEN_SUBFOLDERS for p in (folder / sub).rglob("*") if p.is_file())
+        roots = [folder / sub for sub in subfolders] if subfolders else [folder]
+        files = sorted({p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()})
+        files += [folder / "model_index.json"] if (folder / "model_index.json").is_file() else []
         listing = [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
         return f"local:{folder.resolve()}:" + hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
     from huggingface_hub import snapshot_download
 
-    snapshot = snapshot_download(
-        pretrained, revision=revision, allow_patterns=[f"{sub}/*" for sub in FROZEN_SUBFOLDERS]
-    )
-    return f"hub:{pretrained}@{Path(snapshot).name}"  # the snapshot folder is named by its commit
+    patterns = [f"{sub}/*" for sub in subfolders] + ["model_index.json"] if subfolders else None
+    snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
+    return f"hub:{name_or_path}@{Path(snapshot).name}"  # the snapshot folder is named by its commit
+
+
+def frozen_parts_fingerprint(pretrained: str, revision: str | None = None, vae: str | None = None) -> str:
+    """Names the exact VAE / text encoder(s) / tokenizer(s) files: a hub snapshot's commit, or a local folder's
+    file sizes and modification times; and the replacement VAE's, if any. Anything cached from their outputs
+    is keyed on this."""
+    fingerprint = _fingerprint(pretrained, revision, FROZEN_SUBFOLDERS)
+    return fingerprint + (f"+vae:{_fingerprint(vae, None, ())}" if vae else "")

@@ -228,12 +228,15 @@ def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -
     return str(out_dir)
 
 
-def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
-    """The folder, built first if it is not there yet (configs use it as `pretrained`)."""
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+
+
+def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, variant: str = "sd") -> str:
+    """The folder, built first if it is not there yet (configs use it as `pretrained`); `variant` sd | sdxl."""
     out_dir = Path(out_dir)
     if not (out_dir / "model_index.json").exists():
         try:
-            build_tiny_sd(out_dir, sample_size=sample_size, seed=seed)
+            BUILDERS[variant](out_dir, sample_size=sample_size, seed=seed)
         except OSError:  # another process (a DDP rank) renamed its copy into place first
             if not (out_dir / "model_index.json").exists():
                 raise

@@ -87,3 +87,28 @@ def write_caption_table(root: Path, kind: str, rows: int = 8, missing_caption_at
         path = root / "captions.csv"
         path.write_text("image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in records))
     return path
+
+
+# (width, height) of the mixed-aspect folder: landscape, portrait, square, panoramas and odd sizes.
+MIXED_SIZES = [
+    (60, 30),
+    (30, 60),
+    (40, 40),
+    (64, 36),
+    (36, 64),
+    (50, 40),
+    (40, 50),
+    (90, 30),
+    (33, 47),
+    (120, 60),
+]
+
+
+def write_mixed_aspect_folder(root: Path, count: int = 23, classes=("daisy", "rose")) -> Path:
+    """`root/train/<class>/*` of `count` images cycling through MIXED_SIZES, PNG and JPEG."""
+    for i in range(count):
+        folder = root / "train" / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        width, height = MIXED_SIZES[i % len(MIXED_SIZES)]
+        random_image(width, height).save(folder / f"{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
+    return root

@@ -104,3 +104,11 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
     torch.save(network.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL folder (two text encoders, text_time UNet; 32 px images), built once per session."""
+    from diffusion_lab.tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl")

@@ -1,12 +1,21 @@
-"""Aspect-ratio bucket arithmetic (issue 14, first part): the set, the nearest bucket, cover-and-crop."""
+"""Aspect-ratio buckets: the arithmetic (set, nearest bucket, cover-and-crop), and buckets through the data: one
+shape a batch, each image in its nearest bucket, every image once per epoch across ranks and workers, exact resume."""
 
+import collections
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from diffusion_lab.data import ImageDataModule
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
+from diffusion_lab.errors import ConfigError
+from tests import builders
 
 SDXL = bucket_set(1024 * 1024, step=64)
 
@@ -60,3 +69,106 @@ def test_a_known_crop_by_hand():
 def test_a_set_that_cannot_exist_is_refused():
     with pytest.raises(ValueError, match="target_area >= step"):
         bucket_set(1000, step=64)
+
+
+# ---- buckets through the DataModule: one shape a batch, nearest bucket, exact coverage and resume --------
+def _bucketed(root, **overrides) -> ImageDataModule:
+    settings = dict(
+        path=str(root), streaming=False, label_column="label", caption_template="a {label} flower",
+        image_size=48, bucket_step=8, buckets=True, batch_size=3, num_workers=0, val_size=2,
+    )  # fmt: skip
+    return ImageDataModule(**{**settings, **overrides})
+
+
+def _on_rank(datamodule: ImageDataModule, rank: int, world: int) -> ImageDataModule:
+    datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world, training=False)
+    datamodule.setup()
+    return datamodule
+
+
+def _file_size(datamodule: ImageDataModule, index: int) -> tuple[int, int]:
+    return Image.open(datamodule.train_set.dataset[index]["image"]["path"]).size
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_two_ranks_with_two_workers_cover_a_bucketed_epoch_once_in_one_shape_batches(tmp_path, streaming):
+    root = builders.write_mixed_aspect_folder(tmp_path / "mixed")
+    seen, shapes = [], set()
+    for rank in range(2):
+        datamodule = _on_rank(_bucketed(root, streaming=streaming, num_workers=2), rank, 2)
+        datamodule.train_set.epochs = 1
+        buckets = datamodule.bucket_set
+        for batch in datamodule.train_dataloader():
+            pixels, geometry = batch["pixels"], batch["crop_geometry"]
+            assert pixels.ndim == 4 and len(pixels) <= 3  # stacked: one (H, W) for the whole batch
+            height, width = pixels.shape[1:3]
+            shapes.add((width, height))
+            for row in geometry.tolist():  # each image in the bucket nearest its own file's aspect ratio
+                original_height, original_width = row[0], row[1]
+                assert nearest_bucket(original_width, original_height, buckets) == Bucket(width, height)
+                assert row[4:6] == [height, width]
+            seen += [tuple(row[:2]) for row in geometry.tolist()] if streaming else batch["index"].tolist()
+    if streaming:  # streamed rows have no row numbers: count the images by their sizes
+        expected = sorted((h, w) for w, h in builders.MIXED_SIZES for _ in range(3))
+        assert len(seen) == 23 - 2 and set(seen) <= set(expected)
+    else:
+        assert sorted(seen) == sorted(range(len(datamodule.train_set.dataset)))
+        for index in seen[:5]:
+            assert _file_size(datamodule, index) in builders.MIXED_SIZES
+    assert len(shapes) >= 4  # the folder really spans several buckets
+
+
+def test_partial_buckets_carry_over_to_the_next_epoch_instead_of_being_dropped(tmp_path):
+    datamodule = _on_rank(_bucketed(builders.write_mixed_aspect_folder(tmp_path / "mixed")), 0, 1)
+    stream = datamodule.train_set
+    stream.epochs = 2
+    batches = [batch["index"].tolist() for batch in StatefulDataLoader(stream, batch_size=None)]
+    rows = len(stream.dataset)
+    assert collections.Counter(i for batch in batches for i in batch) == {i: 2 for i in range(rows)}
+    partial = [batch for batch in batches if len(batch) < 3]
+    # Only the end of the finite pass flushes partial buckets (at most one per bucket); at the epoch boundary
+    # they carried over.
+    assert len(partial) <= len(datamodule.bucket_set) and all(len(b) < 3 for b in batches[-len(partial) :])
+
+
+@pytest.mark.parametrize(("streaming", "workers"), [(False, 0), (False, 2), (True, 0)])
+def test_a_bucketed_resume_continues_with_the_batches_of_an_uninterrupted_run(tmp_path, streaming, workers):
+    root = builders.write_mixed_aspect_folder(tmp_path / "mixed")
+    # A shuffle buffer of 1: the datasets library does not save its shuffle buffer (documented), ours is saved.
+    settings = dict(streaming=streaming, num_workers=workers, shuffle_buffer=1, center_crop=False)
+
+    def loader() -> StatefulDataLoader:
+        datamodule = _on_rank(_bucketed(root, **settings), 0, 1)
+        return StatefulDataLoader(datamodule.train_set, batch_size=None, num_workers=workers)
+
+    straight = iter(loader())
+    expected = [next(straight) for _ in range(12)]  # 21 training rows at batch 3: past an epoch's end
+    interrupted = loader()
+    iterator = iter(interrupted)
+    for _ in range(5):
+        next(iterator)
+    state = interrupted.state_dict()
+    assert any(state_has_waiting_rows(state))  # the resume really has a buffer to restore
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for want, got in zip(expected[5:], resumed, strict=False):
+        assert torch.equal(want["pixels"], got["pixels"]) and torch.equal(
+            want["crop_geometry"], got["crop_geometry"]
+        )
+        assert want["caption"] == got["caption"]
+        if not streaming:
+            assert torch.equal(want["index"], got["index"])
+
+
+def state_has_waiting_rows(state: dict):
+    """Whether any worker's saved stream state has examples waiting in a bucket."""
+    if "waiting" in state:
+        yield any(state["waiting"].values())
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from state_has_waiting_rows(value)
+
+
+def test_buckets_that_cannot_exist_name_the_keys(tmp_path):
+    with pytest.raises(ConfigError, match="data.bucket_step"):
+        _bucketed(tmp_path, bucket_step=64, image_size=32)

@@ -5,9 +5,7 @@ import json
 from omegaconf import DictConfig
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.tiny_sd import build_tiny_sd, build_tiny_sdxl
-
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+from diffusion_lab.tiny_sd import BUILDERS
 
 
 def tiny_sd(cfg: DictConfig) -> None:

@@ -148,11 +148,11 @@ class ImageStream(IterableDataset):
         if self.batcher is not None:
             self._restore_waiting()
         while self.epochs is None or self.epoch < self.epochs:
-            yielded = [0]
+            yielded, fresh = [0], self.position == 0  # (a resume may start at an epoch's last row)
             yield from self._batched(self._epoch_examples(worker, workers, yielded))
             if self.tally.bad and self.tally.bad / max(1, self.tally.seen) > self.tally.max_bad_fraction:
                 self.tally.fail()
-            if not yielded[0] and self.epochs is None:  # an endless stream that yields nothing would hang
+            if fresh and not yielded[0] and self.epochs is None:  # an endless stream yielding nothing would hang
                 raise RuntimeError(
                     f"rank {self.rank}, loader worker {worker} got no usable rows in epoch {self.epoch} "
                     f"({self.tally.bad} skipped): the dataset is empty, every row is bad, or it has fewer "

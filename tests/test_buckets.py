@@ -172,3 +172,29 @@ def state_has_waiting_rows(state: dict):
 def test_buckets_that_cannot_exist_name_the_keys(tmp_path):
     with pytest.raises(ConfigError, match="data.bucket_step"):
         _bucketed(tmp_path, bucket_step=64, image_size=32)
+
+
+def test_a_pixel_model_trains_at_mixed_aspect_ratios(compose_config, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import TINY, bare_trainer
+
+    root = builders.write_mixed_aspect_folder(tmp_path / "mixed")
+    cfg = compose_config(
+        *TINY, "data=imagefolder", f"data.path={root}", "data.buckets=true", "data.image_size=16",
+        "data.bucket_step=4", "data.num_workers=0", "data.val_size=2", "data.batch_size=4",
+    )  # fmt: skip
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    shapes, step = [], model.training_step
+
+    def recording(batch, *args):
+        shapes.append(tuple(batch["pixels"].shape[2:]))
+        return step(batch, *args)
+
+    model.training_step = recording
+    trainer = bare_trainer(6)
+    trainer.fit(model, datamodule=data)
+    assert len(set(shapes)) >= 2 and any(h != w for h, w in shapes)  # 16x16, 20x12 and 12x20
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in model.net.state_dict().items())

@@ -30,6 +30,8 @@ class PromptGrid(L.Callback):
         scheduler: str | None = None,
         num_inference_steps: int = 25,
         every_n_steps: int = 500,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("callbacks.prompt_grid.prompts is empty: give at least one prompt")
@@ -38,6 +40,7 @@ class PromptGrid(L.Callback):
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.scheduler_name, self.num_inference_steps = check_scheduler_name(scheduler), num_inference_steps
         self.every_n_steps = every_n_steps
+        self.height, self.width = height, width  # e.g. an SDXL bucket (1216 x 832); None: the native size
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -51,7 +54,7 @@ class PromptGrid(L.Callback):
         """(prompts x seeds, C, H, W) in [-1, 1]."""
         settings = SampleSettings(
             scheduler=self.scheduler_name, steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-            negative_prompt=self.negative_prompt,
+            negative_prompt=self.negative_prompt, height=self.height, width=self.width,
         )  # fmt: skip
         prompts = [prompt for prompt in self.prompts for _ in self.seeds]
         seeds = [seed for _ in self.prompts for seed in self.seeds]

@@ -152,7 +152,9 @@ class ImageStream(IterableDataset):
             yield from self._batched(self._epoch_examples(worker, workers, yielded))
             if self.tally.bad and self.tally.bad / max(1, self.tally.seen) > self.tally.max_bad_fraction:
                 self.tally.fail()
-            if fresh and not yielded[0] and self.epochs is None:  # an endless stream yielding nothing would hang
+            if (
+                fresh and not yielded[0] and self.epochs is None
+            ):  # an endless stream yielding nothing would hang
                 raise RuntimeError(
                     f"rank {self.rank}, loader worker {worker} got no usable rows in epoch {self.epoch} "
                     f"({self.tally.bad} skipped): the dataset is empty, every row is bad, or it has fewer "

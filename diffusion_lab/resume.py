@@ -63,8 +63,10 @@ def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig)
     saved = {current_key(key): value for key, value in checkpoint.get("state_dict", {}).items()}
     current = model.state_dict()
     misfits = [key for key in saved if key not in current or saved[key].shape != current[key].shape]
-    # Keys only this model has count for its trained network (slim checkpoints leave the frozen parts out).
-    misfits += [key for key in current if key not in saved and key.startswith("net.")]
+    # Keys only this model has count where they train (slim checkpoints leave the frozen parts out: the VAE,
+    # the text encoders and, under LoRA, the UNet's own weights).
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    misfits += [key for key in current if key not in saved and key in trainable]
     if misfits:
         example = misfits[0]
         if example in current and example in saved:

@@ -13,6 +13,7 @@ from PIL import Image
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from diffusion_lab.data import ImageDataModule
+from diffusion_lab.data.bucket_batching import BucketBatcher, Waiting
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.errors import ConfigError
 from tests import builders
@@ -125,10 +126,25 @@ def test_partial_buckets_carry_over_to_the_next_epoch_instead_of_being_dropped(t
     batches = [batch["index"].tolist() for batch in StatefulDataLoader(stream, batch_size=None)]
     rows = len(stream.dataset)
     assert collections.Counter(i for batch in batches for i in batch) == {i: 2 for i in range(rows)}
-    partial = [batch for batch in batches if len(batch) < 3]
-    # Only the end of the finite pass flushes partial buckets (at most one per bucket); at the epoch boundary
-    # they carried over.
-    assert len(partial) <= len(datamodule.bucket_set) and all(len(b) < 3 for b in batches[-len(partial) :])
+    assert all(len(set(batch)) == len(batch) for batch in batches)
+
+
+def test_the_batcher_carries_a_partial_bucket_into_the_next_epoch():
+    def feed(batcher, order, epoch):
+        return [
+            [w.index for w in batch]
+            for i in order
+            if (batch := batcher.add("a", Waiting(epoch, i, None, {})))
+        ]
+
+    batcher = BucketBatcher(3)
+    assert feed(batcher, [0, 1, 2, 3], epoch=0) == [[0, 1, 2]]  # 3 waits at the epoch's end...
+    assert feed(batcher, [0, 1, 2, 3], epoch=1) == [[3, 0, 1]]  # ...and opens the next epoch's first batch
+    assert [[w.index for w in b] for b in batcher.flush()] == [[2, 3]]  # a finite pass ends with it
+    batcher = BucketBatcher(3)
+    feed(batcher, [0, 1, 2, 3], epoch=0)
+    # 3 comes round again before its bucket filled: it goes out alone rather than twice in one batch.
+    assert feed(batcher, [3, 0, 1, 2], epoch=1) == [[3], [3, 0, 1]]
 
 
 @pytest.mark.parametrize(("streaming", "workers"), [(False, 0), (False, 2), (True, 0)])
@@ -198,3 +214,18 @@ def test_a_pixel_model_trains_at_mixed_aspect_ratios(compose_config, tmp_path):
     assert len(set(shapes)) >= 2 and any(h != w for h, w in shapes)  # 16x16, 20x12 and 12x20
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert any(not torch.equal(before[k], v) for k, v in model.net.state_dict().items())
+
+
+def test_a_bucket_smaller_than_a_batch_never_holds_an_image_twice(tmp_path):
+    root = tmp_path / "rare"
+    for i in range(10):  # nine squares and one panorama, the only image of its bucket
+        folder = root / "train" / ("rose", "daisy")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        builders.random_image(96 if i == 0 else 48, 48).save(folder / f"{i}.png")
+    datamodule = _on_rank(_bucketed(root, val_size=1, batch_size=4), 0, 1)
+    stream = datamodule.train_set
+    stream.epochs = 3
+    batches = [batch["index"].tolist() for batch in StatefulDataLoader(stream, batch_size=None)]
+    assert all(len(set(batch)) == len(batch) for batch in batches)
+    rows = len(stream.dataset)
+    assert collections.Counter(i for batch in batches for i in batch) == {i: 3 for i in range(rows)}

@@ -215,3 +215,23 @@ def test_the_vae_can_be_replaced_and_is_part_of_the_cache_key(tiny_sdxl, tmp_pat
         data, pretrained=str(tiny_sdxl), vae=str(replacement), cache_dir=str(tmp_path / "c")
     )
     assert plain.cache_folder("train") != fixed.cache_folder("train")
+
+
+def test_a_lora_checkpoint_loads_weights_only_passes_the_resume_check_and_a_full_model_does_not(
+    tiny_sdxl, tmp_path
+):
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.errors import ConfigError
+    from diffusion_lab.resume import check_same_architecture
+
+    targets = OmegaConf.create(["to_q", "to_k", "to_v", "to_out.0"])  # what Hydra passes
+    model = _sdxl(tiny_sdxl, lora_rank=4, lora_target_modules=targets)
+    trainer = bare_trainer(1)
+    trainer.fit(model, datamodule=_mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed")))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")  # the adapters only: the UNet's own weights are frozen
+    torch.load(tmp_path / "lora.ckpt", weights_only=True)  # how Lightning reads it back on resume
+    cfg = OmegaConf.create({"model": {}})
+    assert check_same_architecture(tmp_path / "lora.ckpt", _sdxl(tiny_sdxl, lora_rank=4), cfg) == 1
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        check_same_architecture(tmp_path / "lora.ckpt", _sdxl(tiny_sdxl), cfg)

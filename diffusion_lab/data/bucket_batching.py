@@ -4,7 +4,8 @@ Every batch holds examples of one shape (one aspect-ratio bucket), so it stacks 
 fills up to `batch_size` and is emitted; a bucket still partial when an epoch ends *carries over*: its
 examples wait in the buffer and open that bucket's first batch of the next epoch. Nothing is dropped and
 nothing duplicated (the fix for SimpleTuner issues 44 and 745, where a bucket smaller than a batch was thrown
-away every epoch). A finite pass (validation, building a cache) ends by emitting the partial buckets as they
+away every epoch); a bucket too small to fill a batch goes out smaller once its images come round again. A
+finite pass (validation, building a cache) ends by emitting the partial buckets as they
 are: smaller batches, still one shape each.
 """
 
@@ -36,8 +37,13 @@ class BucketBatcher:
         self.pending: dict[Hashable, list[Waiting]] = {}
 
     def add(self, bucket: Hashable, item: Waiting) -> list[Waiting] | None:
-        """The bucket's full batch once `item` completes one, else None (the item waits)."""
+        """The bucket's full batch once `item` completes one, else None (the item waits). A bucket with fewer
+        images than a batch sees its images come round again, an epoch later, before it fills: then what
+        waits goes out as a smaller batch, so that no batch holds one image twice (with the same noise)."""
         waiting = self.pending.setdefault(bucket, [])
+        if any(other.index == item.index for other in waiting):
+            self.pending[bucket] = [item]
+            return waiting
         waiting.append(item)
         if len(waiting) < self.batch_size:
             return None

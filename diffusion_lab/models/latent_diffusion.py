@@ -80,6 +80,8 @@ class LatentDiffusion(DiffusionModel):
                 f"model.prediction_type={prediction_type!r} applies to model/objective=ddpm; "
                 f"{type(self.objective).__name__} always predicts the velocity eps - x0: set model.prediction_type=null"
             )
+        # Plain lists in the checkpoint (Hydra passes ListConfig, which weights-only loading refuses on resume).
+        lora_target_modules = list(lora_target_modules)
         self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
         self._base_scheduler_config = base_scheduler_config
         self.tokenizer, self.tokenizer_2 = parts["tokenizer"], parts.get("tokenizer_2")

@@ -112,3 +112,17 @@ def write_mixed_aspect_folder(root: Path, count: int = 23, classes=("daisy", "ro
         width, height = MIXED_SIZES[i % len(MIXED_SIZES)]
         random_image(width, height).save(folder / f"{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
     return root
+
+
+def write_mixed_aspect_parquet(root: Path, count: int = 24, files: int = 2) -> Path:
+    """The mixed-aspect images as `files` parquet shards (`image`, `label`): streamed, each loader worker
+    reads its own shard."""
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["daisy", "rose"])})
+    images = [random_image(*MIXED_SIZES[i % len(MIXED_SIZES)]) for i in range(count)]
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for shard in range(files):
+        rows = range(shard, count, files)
+        data = {"image": [images[i] for i in rows], "label": [i % 2 for i in rows]}
+        path = root / "data" / f"train-{shard:05d}-of-{files:05d}.parquet"
+        Dataset.from_dict(data, features=features).to_parquet(str(path))
+    return root

@@ -201,20 +201,65 @@ def test_cache_keys_follow_the_bucket_set_and_each_images_bytes(tiny_sdxl, tmp_p
     assert folder() != key
 
 
-@pytest.mark.parametrize("vae_dtype", ["float32"])
-def test_the_vae_can_be_replaced_and_is_part_of_the_cache_key(tiny_sdxl, tmp_path, vae_dtype):
+def test_an_fp16_safe_vae_replaces_the_vae_samples_beside_an_fp32_unet_and_exports_in_fp32(
+    tiny_sdxl, tmp_path
+):
     from diffusers import AutoencoderKL
 
-    replacement = tmp_path / "vae_fix"
-    AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").save_pretrained(replacement)  # the fix's layout
-    model = _sdxl(tiny_sdxl, vae=str(replacement), vae_dtype=vae_dtype)
-    assert model.vae.dtype == torch.float32
+    replacement = tmp_path / "vae_fix"  # the fix's layout: a bare AutoencoderKL folder that needs no upcast
+    AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", force_upcast=False).save_pretrained(replacement)
+    model = _sdxl(tiny_sdxl, vae=str(replacement), vae_dtype="float16")
+    assert model.vae.dtype == torch.float16 and model.net.dtype == torch.float32
+    images = _generate(model.pipeline())  # fp32 latents into the fp16 decoder
+    assert images.shape == (1, 3, 24, 40) and torch.isfinite(images).all()
+    model.save_pipeline(tmp_path / "pipeline")
+    assert model.vae.dtype == torch.float16  # restored after saving
+    exported = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert exported.vae.dtype == torch.float32 and _generate(exported).shape == (1, 3, 24, 40)
     data = _mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed"))
     plain = LatentCacheDataModule(data, pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "c"))
     fixed = LatentCacheDataModule(
         data, pretrained=str(tiny_sdxl), vae=str(replacement), cache_dir=str(tmp_path / "c")
     )
     assert plain.cache_folder("train") != fixed.cache_folder("train")
+
+
+def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl):
+    model = _sdxl(tiny_sdxl)
+    pipeline = model.pipeline()
+    hidden, _, pooled, _ = pipeline.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    ours = model.encode_prompts([PROMPT])
+    torch.testing.assert_close(ours.hidden, hidden)
+    torch.testing.assert_close(ours.pooled, pooled)
+    _, negative, _, negative_pooled = pipeline.encode_prompt(
+        PROMPT, device="cpu", do_classifier_free_guidance=True
+    )
+    unconditional = model.encode_prompts(
+        [""]
+    )  # a dropped caption: the pipeline's input without a negative prompt
+    torch.testing.assert_close(unconditional.hidden, negative)
+    torch.testing.assert_close(unconditional.pooled, negative_pooled)
+    geometry = torch.tensor([[600, 1175, 0, 3, 24, 40, 24, 47]])
+    expected = pipeline._get_add_time_ids((600, 1175), (0, 3), (24, 40), torch.float32, 32)
+    torch.testing.assert_close(model.time_ids({"crop_geometry": geometry}), expected)
+
+
+def test_a_vae_that_overflows_is_refused_before_a_cache_of_nan_is_written(tiny_sdxl, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    encode = AutoencoderKL.encode
+
+    def overflowing(self, pixels, return_dict=True):
+        output = encode(self, pixels)
+        output.latent_dist.mean.fill_(float("inf"))
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "encode", overflowing)
+    data = _mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed"))
+    cache = LatentCacheDataModule(data, pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="non-finite latents.*vae_dtype=float32"):
+        cache.prepare_data()
+    assert not list((tmp_path / "cache").rglob("meta.json"))
 
 
 def test_a_lora_checkpoint_loads_weights_only_passes_the_resume_check_and_a_full_model_does_not(

@@ -18,15 +18,21 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 @dataclass
 class Waiting:
     """An example in the buffer, with what rebuilds it after a resume: its epoch and index (the stream's key
-    for its crop and noise) and, for streamed data that cannot be read again by index, its row."""
+    for its crop and noise) and, for streamed data that cannot be read again by index, its row. `identity`
+    names the image across epochs (the row index, or a digest of a streamed row)."""
 
     epoch: int
     index: int
     row: dict | None
     example: dict = field(repr=False)
+    identity: Hashable = None
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "row": self.row}
+
+
+def collate(batch: list[Waiting]) -> dict:
+    return default_collate([item.example for item in batch])
 
 
 class BucketBatcher:
@@ -41,7 +47,7 @@ class BucketBatcher:
         images than a batch sees its images come round again, an epoch later, before it fills: then what
         waits goes out as a smaller batch, so that no batch holds one image twice (with the same noise)."""
         waiting = self.pending.setdefault(bucket, [])
-        if any(other.index == item.index for other in waiting):
+        if any(other.identity == item.identity for other in waiting):
             self.pending[bucket] = [item]
             return waiting
         waiting.append(item)
@@ -69,8 +75,7 @@ def batches_by_shape(
     what a cache or a reference set built from bucketed data reads."""
     batcher = BucketBatcher(batch_size)
     for index, example in enumerate(DataLoader(examples, batch_size=None, num_workers=0)):
-        batch = batcher.add(tuple(example[key].shape), Waiting(0, index, None, example))
+        batch = batcher.add(tuple(example[key].shape), Waiting(0, index, None, example, index))
         if batch is not None:
-            yield default_collate([item.example for item in batch])
-    for batch in batcher.flush():
-        yield default_collate([item.example for item in batch])
+            yield collate(batch)
+    yield from map(collate, batcher.flush())

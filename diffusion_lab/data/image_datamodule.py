@@ -11,7 +11,7 @@ import lightning as L
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
-from diffusion_lab.data.loaders import PrefetchAwareLoader, ignore_stop_signals
+from diffusion_lab.data.loaders import PrefetchAwareLoader, rank_and_world_size, stream_loader
 from diffusion_lab.data.pixel_cache import (
     PixelCache,
     build_pixel_cache,
@@ -182,13 +182,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def _stream(self, dataset, train: bool, cache: PixelCache | None) -> ImageStream:
         h = self.hparams
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         bucketed = train and self.bucket_set is not None
+        columns = [h.image_column, h.label_column, h.caption_column]
         return ImageStream(
             dataset,
             self._example_maker(dataset, h.center_crop or not train, bucketed, cache),
-            rank=rank,
-            world_size=world,
+            **rank_and_world_size(self.trainer),
             shuffle=train,
             seed=h.seed,
             shuffle_buffer=h.shuffle_buffer,
@@ -197,6 +196,7 @@ class ImageDataModule(L.LightningDataModule):
             describe_row=self._describe_row,
             bucket_of=pixel_shape if bucketed else None,
             batch_size=h.batch_size,
+            keep_columns=[column for column in columns if column],
         )
 
     def _splits(self) -> tuple:
@@ -262,9 +262,9 @@ class ImageDataModule(L.LightningDataModule):
     def content_key(self, split: str) -> str | None:
         """A digest of what `split`'s images are (each file's path, size and modification time), for caches
         built from them; None for streamed data, which has no listing short of reading it."""
-        dataset = dict(zip(("train", "val"), self._splits(), strict=True))[split]
-        if isinstance(dataset, datasets.IterableDataset):
+        if self.hparams.streaming:  # (a hub dataset's id is in the key; its revision is not)
             return None
+        dataset = dict(zip(("train", "val"), self._splits(), strict=True))[split]
         return content_listing(dataset, self.hparams.image_column)
 
     def prepare_data(self) -> None:
@@ -337,14 +337,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, stream: ImageStream, cached: bool) -> PrefetchAwareLoader:
         # Cached rows are a memory-mapped slice and a crop (~25k img/s in-process on 2 cores, `bench data`):
         # loader workers would only add IPC and take cores from the model.
-        workers = 0 if cached else self.hparams.num_workers
-        return PrefetchAwareLoader(
-            stream,
-            batch_size=None if stream.batcher is not None else self.hparams.batch_size,  # buckets: batches
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            worker_init_fn=ignore_stop_signals,
-        )
+        return stream_loader(stream, self.hparams.batch_size, 0 if cached else self.hparams.num_workers)
 
 
 def pixel_shape(example: dict) -> tuple[int, ...]:

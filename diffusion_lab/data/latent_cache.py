@@ -82,6 +82,12 @@ def write_latent_cache(
                 posteriors = [vae.encode(view).latent_dist for view in views]
                 mean = torch.stack([p.mean for p in posteriors], dim=1).float().cpu().numpy()
                 std = torch.stack([p.std for p in posteriors], dim=1).float().cpu().numpy()
+                if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+                    raise ValueError(
+                        f"{description}: the VAE ({vae.dtype}) gave non-finite latents, which would train on NaN. "
+                        "SD and SDXL VAEs overflow in float16: set model.vae_dtype=float32, or use an fp16-safe VAE "
+                        "(model.vae=madebyollin/sdxl-vae-fp16-fix)"
+                    )
                 means.write(mean.astype(stored).tobytes())
                 stds.write(std.astype(stored).tobytes())
                 shapes += [list(mean.shape[1:])] * len(mean)

@@ -14,12 +14,7 @@ from diffusion_lab.data.bucket_batching import batches_by_shape
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
-from diffusion_lab.data.loaders import (
-    PrefetchAwareLoader,
-    ignore_stop_signals,
-    rank_and_world_size,
-    resumable_loader,
-)
+from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader, stream_loader
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import flip_crop_geometry, random_flips
 from diffusion_lab.dtypes import dtype_from_name
@@ -27,7 +22,6 @@ from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load
 
 log = logging.getLogger(__name__)
 
-# Settings of the wrapped data that change how it is read, not what the examples are.
 SPLITS = ("train", "val")
 
 
@@ -149,16 +143,11 @@ class LatentCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         if getattr(self.images, "bucket_set", None) is not None:  # one bucket a batch
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             stream = ImageStream(
-                self.train_set, cached_row, rank=rank, world_size=world, shuffle=True, seed=self.hparams.seed,
-                epochs=None, bucket_of=latent_shape, batch_size=self.batch_size,
+                self.train_set, cached_row, **rank_and_world_size(self.trainer), shuffle=True,
+                seed=self.hparams.seed, epochs=None, bucket_of=latent_shape, batch_size=self.batch_size,
             )  # fmt: skip
-            workers = self.hparams.num_workers
-            return PrefetchAwareLoader(
-                stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                worker_init_fn=ignore_stop_signals,
-            )  # fmt: skip
+            return stream_loader(stream, self.batch_size, self.hparams.num_workers)
         return resumable_loader(
             self.train_set, self.batch_size, shuffle=True, seed=self.hparams.seed,
             num_workers=self.hparams.num_workers, drop_last=len(self.train_set) >= self.batch_size,

@@ -49,7 +49,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def rank_and_world_size(trainer) -> dict:
-    """`rank` and `world_size` for `resumable_loader` from a DataModule's trainer (none: one process)."""
+    """`rank` and `world_size` for `resumable_loader` or `ImageStream` from a DataModule's trainer (none: one
+    process)."""
     return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer is not None else {}
 
 
@@ -71,3 +72,19 @@ class PrefetchAwareLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict:
         return getattr(self, "_reported_state", None) or super().state_dict()
+
+
+def stream_loader(stream, batch_size: int, num_workers: int) -> PrefetchAwareLoader:
+    """The loader of an `ImageStream`. A bucketed stream yields whole batches, which the loader passes on as
+    they are (its `batch_size` is then None). A bucketed stream of streamed rows carries the rows waiting in its buckets
+    in its state; StatefulDataLoader then ships that state from the workers every 32 batches instead of every
+    batch, and a resume fast-forwards from the last one (the same batches, exactly)."""
+    bucketed = stream.batcher is not None
+    return PrefetchAwareLoader(
+        stream,
+        batch_size=None if bucketed else batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+        snapshot_every_n_steps=32 if bucketed and stream.is_streaming else 1,
+    )

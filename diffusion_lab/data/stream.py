@@ -1,15 +1,17 @@
 """An endless, sharded, resumable stream of training examples over a datasets.Dataset or IterableDataset."""
 
+import hashlib
 import logging
-from collections.abc import Callable, Hashable, Iterator
+import pickle
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from diffusion_lab.core.random import mix_key
-from diffusion_lab.data.bucket_batching import BucketBatcher, Waiting
+from diffusion_lab.data.bucket_batching import BucketBatcher, Waiting, collate
 from diffusion_lab.data.decoding import BadDataTally, BadSample
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,14 @@ class ImageStream(IterableDataset):
     With `bucket_of` (example -> its bucket, e.g. its shape) the stream yields whole batches of `batch_size`,
     each from one bucket (`bucket_batching.BucketBatcher`: partial buckets carry over to the next epoch; a
     finite stream ends with them). The buffer is part of the state: map-style rows are read again by index
-    on resume, streamed rows are saved whole (at most buckets x (batch_size - 1) rows per worker), so a
-    bucketed resume continues with exactly the batches an uninterrupted run would have made.
+    on resume, streamed rows are saved (their `keep_columns`; at most buckets x (batch_size - 1) rows per worker),
+    so a bucketed resume continues with exactly the batches an uninterrupted run would have made.
     """
 
     def __init__(
         self,
         dataset: datasets.Dataset | datasets.IterableDataset,
-        to_example: Callable[[dict, int], dict],
+        to_example: Callable[[dict, int, int], dict],
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -55,6 +57,7 @@ class ImageStream(IterableDataset):
         describe_row: Callable[[dict, int], str] | None = None,
         bucket_of: Callable[[dict], Hashable] | None = None,
         batch_size: int | None = None,
+        keep_columns: Sequence[str] | None = None,
     ) -> None:
         self.dataset, self.to_example = dataset, to_example
         self.rank, self.world_size = rank, world_size
@@ -65,6 +68,7 @@ class ImageStream(IterableDataset):
         self.bucket_of = bucket_of
         self.batcher = BucketBatcher(batch_size) if bucket_of is not None else None
         self.waiting_state: dict | None = None
+        self.keep_columns = list(keep_columns) if keep_columns else None  # of a streamed row kept for resume
         self._stream: datasets.IterableDataset | None = None
 
     @property
@@ -83,13 +87,17 @@ class ImageStream(IterableDataset):
             self.position += 1
             yield index, self.dataset[index]
 
-    def _streamed_rows(self, worker: int, workers: int) -> Iterator[tuple[int, dict]]:
+    def _node_stream(self) -> datasets.IterableDataset:
+        """This rank's part of the (shuffled) stream; loader workers split it further by shards."""
         if self._stream is None:
             stream = self.dataset
             if self.shuffle:
                 stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             self._stream = split_dataset_by_node(stream, self.rank, self.world_size)
-        self._stream.set_epoch(self.epoch)
+        return self._stream
+
+    def _streamed_rows(self, worker: int, workers: int) -> Iterator[tuple[int, dict]]:
+        self._node_stream().set_epoch(self.epoch)
         if self.stream_state is not None:
             self._stream.load_state_dict(self.stream_state)
             self.stream_state = None
@@ -110,17 +118,24 @@ class ImageStream(IterableDataset):
         example.setdefault("index", index)  # a cache row brings its source's index, which keys its noise
         return example
 
+    def _waiting(self, epoch: int, index: int, row: dict, example: dict) -> Waiting:
+        if not self.is_streaming:  # read again by index on resume
+            return Waiting(epoch, index, None, example, identity=index)
+        if self.keep_columns:
+            row = {column: row[column] for column in self.keep_columns if column in row}
+        return Waiting(epoch, index, row, example, identity=hashlib.blake2b(pickle.dumps(row)).digest())
+
     def _restore_waiting(self) -> None:
         """The bucket buffer of a resumed stream, rebuilt from its saved (epoch, index, row) entries."""
         state, self.waiting_state = self.waiting_state, None
-        for bucket, items in (state or {}).items():
+        self.batcher.pending.clear()
+        for bucket, items in state.items():
             for item in items:
                 row = item["row"] if item["row"] is not None else self.dataset[item["index"]]
-                example = self.to_example(
-                    row, mix_key(self.seed, item["epoch"], item["index"]), item["index"]
-                )
-                example.setdefault("index", item["index"])
-                self.batcher.pending.setdefault(bucket, []).append(Waiting(**item, example=example))
+                example = self._example(row, item["epoch"], item["index"])
+                if example is not None:  # (a row gone bad since is skipped and counted)
+                    waiting = self._waiting(item["epoch"], item["index"], row, example)
+                    self.batcher.pending.setdefault(bucket, []).append(waiting)
 
     def _batched(self, examples: Iterator[tuple[dict, dict, int]]) -> Iterator[dict]:
         """Examples, or with buckets their batches of one bucket each."""
@@ -128,10 +143,9 @@ class ImageStream(IterableDataset):
             if self.batcher is None:
                 yield example
                 continue
-            waiting = Waiting(self.epoch, index, row if self.is_streaming else None, example)
-            batch = self.batcher.add(self.bucket_of(example), waiting)
+            batch = self.batcher.add(self.bucket_of(example), self._waiting(self.epoch, index, row, example))
             if batch is not None:
-                yield default_collate([item.example for item in batch])
+                yield collate(batch)
 
     def _epoch_examples(
         self, worker: int, workers: int, counter: list[int]
@@ -145,7 +159,15 @@ class ImageStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        if self.batcher is not None:
+        if self.is_streaming and worker >= self._node_stream().num_shards:
+            # The datasets library gives each loader worker whole shards: this one has none (it says so too).
+            log.warning(
+                "loader worker %d has no shard of the stream to read (%d shards)",
+                worker,
+                self._stream.num_shards,
+            )
+            return
+        if self.batcher is not None and self.waiting_state is not None:
             self._restore_waiting()
         while self.epochs is None or self.epoch < self.epochs:
             yielded, fresh = [0], self.position == 0  # (a resume may start at an epoch's last row)
@@ -163,8 +185,7 @@ class ImageStream(IterableDataset):
             self.epoch += 1
             self.position = 0
         if self.batcher is not None:  # a finite stream ends with its partial buckets
-            for batch in self.batcher.flush():
-                yield default_collate([item.example for item in batch])
+            yield from map(collate, self.batcher.flush())
         # A finite stream (validation) starts over next time, also in a persistent worker.
         self.epoch = 0
 

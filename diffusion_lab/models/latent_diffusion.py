@@ -111,7 +111,7 @@ class LatentDiffusion(DiffusionModel):
 
     @property
     def is_sdxl(self) -> bool:
-        return self.prompts.pooled
+        return self.prompts.is_sdxl
 
     @property
     def pipeline_class(self) -> type:
@@ -254,5 +254,10 @@ class LatentDiffusion(DiffusionModel):
             changed = _public(self.noise_scheduler.config) != _public(self._base_scheduler_config)
             scheduler = self.sampling_scheduler() if changed else None
             return save_lora(self.net, out_dir, self.pipeline_class, scheduler=scheduler)
-        self.pipeline(scheduler=self.sampling_scheduler()).save_pretrained(out_dir)
+        dtype = self.vae.dtype
+        try:  # the VAE is saved in fp32 beside the fp32 UNet: plain diffusers loads a folder of one dtype
+            self.vae.float()
+            self.pipeline(scheduler=self.sampling_scheduler()).save_pretrained(out_dir)
+        finally:
+            self.vae.to(dtype)
         return Path(out_dir)

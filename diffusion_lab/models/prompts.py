@@ -51,14 +51,14 @@ class PromptEncoder:
         self.zeros_for_empty_prompt = zeros_for_empty_prompt
 
     @property
-    def pooled(self) -> bool:
-        """Whether the model takes a pooled embedding (SDXL's second encoder)."""
+    def is_sdxl(self) -> bool:
+        """Two encoders: the model also takes the second one's pooled embedding."""
         return len(self.text_encoders) == 2
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str], device: torch.device | str) -> PromptEmbeddings:
         captions = list(captions)
-        if not self.pooled:
+        if not self.is_sdxl:
             ids = token_ids(self.tokenizers[0], captions).to(device)
             embeddings = PromptEmbeddings(self.text_encoders[0](ids)[0], None)
         else:

@@ -4,6 +4,7 @@ from."""
 import hashlib
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -17,8 +18,24 @@ def pipeline_index(pretrained: str, revision: str | None = None) -> dict:
     return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
 
 
-def is_sdxl(index: dict) -> bool:
+def has_second_text_encoder(index: dict) -> bool:
+    """SDXL's layout: `text_encoder_2` (with its projection) beside `text_encoder`."""
     return any(part is not None for part in index.get("text_encoder_2") or [])
+
+
+def decode_in_own_dtype(vae: AutoencoderKL) -> AutoencoderKL:
+    """Cast what reaches the VAE's decoder to the VAE's dtype. Pipelines hand it latents in the UNet's dtype
+    (fp32 under bf16-mixed), which an fp16 VAE that does not ask to be upcast (`force_upcast: false`, as
+    madebyollin/sdxl-vae-fp16-fix) cannot take."""
+
+    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+        dtype = next(module.parameters()).dtype
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for part in (getattr(vae, "post_quant_conv", None), vae.decoder):
+        if part is not None:
+            part.register_forward_pre_hook(cast)
+    return vae
 
 
 def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | None = None) -> dict:
@@ -35,7 +52,7 @@ def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | N
         if vae
         else AutoencoderKL.from_pretrained(**source, subfolder="vae"),
     }
-    if is_sdxl(index):
+    if has_second_text_encoder(index):
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer_2")
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             **source, subfolder="text_encoder_2"
@@ -43,10 +60,14 @@ def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | N
     for name in ("text_encoder", "text_encoder_2", "vae"):
         if name in parts:
             parts[name].requires_grad_(False).eval()
+    decode_in_own_dtype(parts["vae"])
     parts["prompts"] = PromptEncoder(
         [parts[name] for name in ("tokenizer", "tokenizer_2") if name in parts],
         [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts],
-        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        # StableDiffusionXLPipeline's default when the folder does not say: zeros
+        zeros_for_empty_prompt=bool(
+            index.get("force_zeros_for_empty_prompt", has_second_text_encoder(index))
+        ),
     )
     return parts
 
@@ -71,9 +92,10 @@ def _fingerprint(name_or_path: str, revision: str | None, subfolders: tuple[str,
         return f"local:{folder.resolve()}:" + hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{sub}/*" for sub in subfolders] + ["model_index.json"] if subfolders else None
-    snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
-    return f"hub:{name_or_path}@{Path(snapshot).name}"  # the snapshot folder is named by its commit
+    # One small file is enough: the snapshot folder is named by the commit, which pins every file in it.
+    index = "model_index.json" if subfolders else "config.json"
+    snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=[index])
+    return f"hub:{name_or_path}@{Path(snapshot).name}"
 
 
 def frozen_parts_fingerprint(pretrained: str, revision: str | None = None, vae: str | None = None) -> str:

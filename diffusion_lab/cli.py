@@ -11,7 +11,7 @@ import hydra
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.overrides import admit_library_arguments, explain_bad_overrides
+from diffusion_lab.overrides import admit_library_arguments, bracket_lists, explain_bad_overrides
 from diffusion_lab.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,10 @@ COMMANDS = {
     "sample": ("diffusion_lab.commands.sample", "sample", "sample"),
     "eval": ("diffusion_lab.commands.evaluate", "evaluate", "eval"),
     "export": ("diffusion_lab.commands.export", "export", "export"),
+    "ema": ("diffusion_lab.commands.ema", "ema", "ema"),
     "tiny-sd": ("diffusion_lab.commands.tiny_sd", "tiny_sd", "tiny_sd"),
 }
+LIST_KEYS = {"ema": ("sigma_rel",)}  # command -> keys whose comma-separated values are one list
 BENCH_CASES = {
     "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
     "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
@@ -41,6 +43,8 @@ commands:
   eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR or pretrained=..., vs
                      reference=DIR or data=NAME
   export             Lightning checkpoint -> diffusers pipeline folder: ckpt=PATH out=DIR
+  ema                post-hoc EMA lengths of a run (callbacks=[default,posthoc_ema]): run=DIR
+                     sigma_rel=0.03,0.05,0.1,0.2 [score=true]
   tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out=DIR
   bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
 
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None):
     # submitit asks SLURM for USR2 before a time-out; Lightning's SLURM auto-requeue (checkpoint, requeue,
     # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    overrides = admit_library_arguments(CONFIG_DIR, config_name, overrides)
+    overrides = admit_library_arguments(
+        CONFIG_DIR, config_name, bracket_lists(overrides, LIST_KEYS.get(label, ()))
+    )
     task = report_errors(getattr(importlib.import_module(module_name), function_name))
     sys.argv = [f"diffusion-lab {label}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)

@@ -93,3 +93,17 @@ def explain_bad_overrides(config_dir: Path, config_name: str, overrides: list[st
             f"diffusion-lab: unknown config key '{key}'. Valid keys under {where}: {', '.join(valid)}.{suggestion}"
         )
     return "\n".join(messages) or None
+
+
+def bracket_lists(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`sigma_rel=0.03,0.05,0.1` (a sweep to Hydra, refused without -m) as the list `sigma_rel=[0.03,0.05,0.1]`,
+    for the keys of a command that take a list."""
+    if "-m" in overrides or "--multirun" in overrides:
+        return overrides
+    rewritten = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in keys and "," in value and not value.startswith(("[", "'", '"')):
+            override = f"{key}=[{value}]"
+        rewritten.append(override)
+    return rewritten

@@ -20,10 +20,12 @@ class RankProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ema = find_ema(trainer)
+        posthoc = next((c for c in trainer.callbacks if type(c).__name__ == "PostHocEMA"), None)
         held = torch.tensor([
             float(sum(p.double().sum() for p in pl_module.net.parameters())),
             float(sum(s.double().sum() for s in ema.ema.shadow_params)) if ema else 0.0,
             float(pl_module.hparams.lr),
+            *(float(sum(t.double().sum() for t in profile)) for profile in (posthoc.profiles if posthoc else [])),
         ], dtype=torch.float64)  # fmt: skip
         held = trainer.strategy.all_gather(held).reshape(trainer.world_size, -1)
         indices = trainer.strategy.all_gather(torch.tensor(self.indices)).reshape(trainer.world_size, -1)

@@ -95,3 +95,28 @@ def test_resume_equals_straight_run_on_a_local_image_folder(compose_config, tmp_
     resumed, _, _ = _run(compose_config, tmp_path / "resumed", "data=imagefolder", *data, f"ckpt_path={half}")
     for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_post_hoc_ema_equals_straight_run(compose_config, tmp_path):
+    def run(out_dir, *overrides):
+        model, _, trainer = _run(
+            compose_config, out_dir, "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
+            f"callbacks.posthoc_ema.dirpath={out_dir}/ema_snapshots", *overrides,
+        )  # fmt: skip
+        return next(c for c in trainer.callbacks if type(c).__name__ == "PostHocEMA")
+
+    straight = run(tmp_path / "straight")
+    half = tmp_path / "straight" / "checkpoints" / f"step_{STEPS // 2:07d}.ckpt"
+    assert "PostHocEMA" in torch.load(half, weights_only=False)["callbacks"]
+    resumed = run(tmp_path / "resumed", f"ckpt_path={half}")
+    for profile_a, profile_b in zip(straight.profiles, resumed.profiles, strict=True):
+        for a, b in zip(profile_a, profile_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    from safetensors.torch import load_file
+
+    # The resumed run writes the snapshots after its restart (steps 6 and 8) as the straight run did.
+    for name in ("0000006_sigma0.0500.safetensors", "0000008_sigma0.1000.safetensors"):
+        a = load_file(tmp_path / "straight" / "ema_snapshots" / name)
+        b = load_file(tmp_path / "resumed" / "ema_snapshots" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)

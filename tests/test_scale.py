@@ -83,6 +83,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
     cli("train", *common, "trainer=cpu", "data.batch_size=16", f"hydra.run.dir={single}",
         f"{PROBE}", f"+callbacks.probe.path={single / 'rank_probe.json'}")  # fmt: skip
     cli("train", *common, "trainer=ddp_cpu", "data.batch_size=8", f"hydra.run.dir={double}",
+        "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
         f"{PROBE}", f"+callbacks.probe.path={double / 'rank_probe.json'}")  # fmt: skip
     one, two = _probe(single), _probe(double)
     # Sharding: each step the two ranks see disjoint halves of exactly the one-process batch.
@@ -91,8 +92,15 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
     for step in range(4):
         assert not set(rank0[step].tolist()) & set(rank1[step].tolist())
         assert sorted(rank0[step].tolist() + rank1[step].tolist()) == sorted(alone[step].tolist())
-    # Every rank holds the same weights and EMA, and so does rank 0's checkpoint.
-    assert two["held"][0] == two["held"][1]
+    # Every rank holds the same weights, EMA and post-hoc EMA profiles, and so does rank 0's checkpoint.
+    assert two["held"][0] == two["held"][1] and len(two["held"][0]) == 5
+    # Post-hoc EMA snapshots: both profiles at steps 2 and 4, written by rank 0 alone.
+    assert sorted(p.name for p in (double / "ema_snapshots").iterdir()) == [
+        "0000002_sigma0.0500.safetensors", "0000002_sigma0.1000.safetensors",
+        "0000004_sigma0.0500.safetensors", "0000004_sigma0.1000.safetensors",
+    ]  # fmt: skip
+    assert "post-hoc EMA: snapshots" in (double / "train.log").read_text()
+    assert "post-hoc EMA" not in (double / "train_rank1.log").read_text()
     checkpoint = torch.load(double / "checkpoints" / "last.ckpt", weights_only=False)
     ema_sum = sum(float(s.double().sum()) for s in checkpoint["callbacks"]["EMA"]["shadow_params"])
     assert ema_sum == pytest.approx(two["held"][0][1], rel=1e-9)
@@ -103,6 +111,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
     assert sorted(p.name for p in double.iterdir() if p.is_dir()) == [
         ".hydra",
         "checkpoints",
+        "ema_snapshots",
         "pipeline",
         "samples",
     ]

@@ -5,6 +5,7 @@ from diffusion_lab.callbacks.ema import EMA, ema_weights
 from diffusion_lab.callbacks.final_metrics import FinalStepMetrics
 from diffusion_lab.callbacks.nonfinite_guard import Diverged, NonFiniteGuard
 from diffusion_lab.callbacks.pipeline_export import PipelineExport
+from diffusion_lab.callbacks.posthoc_ema import PostHocEMA
 from diffusion_lab.callbacks.prompt_grid import PromptGrid
 from diffusion_lab.callbacks.rng_state import RNGStates
 from diffusion_lab.callbacks.sample_grid import SampleGrid
@@ -16,6 +17,7 @@ __all__ = [
     "NonFiniteGuard",
     "FinalStepMetrics",
     "PipelineExport",
+    "PostHocEMA",
     "PromptGrid",
     "RNGStates",
     "RunCheckpoint",

@@ -54,7 +54,7 @@ class EMA(L.Callback):
         return "EMA"
 
     def parameters(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        return [parameter for parameter in pl_module.net.parameters() if parameter.requires_grad]
+        return trainable_parameters(pl_module)
 
     def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
         if self.ema is None:
@@ -128,6 +128,12 @@ class EMA(L.Callback):
                 self.ema.load_state_dict(state_dict)
                 self.ema.to(device=device, dtype=torch.float32)
                 self._state_to_load = None
+
+
+def trainable_parameters(pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+    """What an average tracks: the trainable weights of the network (never a frozen VAE or text encoder; of a
+    LoRA UNet, the adapters)."""
+    return [parameter for parameter in pl_module.net.parameters() if parameter.requires_grad]
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

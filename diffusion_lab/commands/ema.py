@@ -1,0 +1,102 @@
+"""`diffusion-lab ema run=RUN_DIR sigma_rel=0.03,0.05,0.1,0.2 [score=true]`: post-hoc EMA lengths of a run."""
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from diffusion_lab.core.power_ema import sigma_rel_to_gamma
+from diffusion_lab.ema_sweep import (
+    Network,
+    RunFiles,
+    best_row,
+    exponential_sigma_rel,
+    reconstruct,
+    valid_range,
+    write_tables,
+)
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.plots import line_plot
+
+log = logging.getLogger(__name__)
+
+
+def _sigma_rels(value) -> list[float]:
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"sigma_rel={value!r}: give numbers, e.g. sigma_rel=0.03,0.05,0.1,0.2") from error
+
+
+def _scoring_config(cfg: DictConfig, run: RunFiles) -> DictConfig:
+    """`eval`'s settings (protocol, sample count, seeds, extractor), the reference from the run's data unless
+    one was named."""
+    scoring = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # (not struct: keys may be added)
+    if not (cfg.reference or cfg.get("data")):
+        scoring.data = run.config["data"]
+    return scoring
+
+
+def _on_axis(sigma_rel: float) -> float | None:
+    """A fixed-decay EMA longer than a uniform average of the whole run (1/sqrt(12)) has no place on the axis."""
+    return sigma_rel if sigma_rel < 12**-0.5 else None
+
+
+def ema(cfg: DictConfig) -> dict:
+    from diffusion_lab.commands.evaluate import evaluate
+
+    run = RunFiles.of(cfg.run)
+    out = Path(cfg.out) if cfg.out else run.folder / "ema_sweep"
+    sigmas = _sigma_rels(cfg.sigma_rel)
+    low, high = valid_range(run.snapshots, cfg.max_error)
+    outside = [sigma for sigma in sigmas if not low <= sigma <= high]
+    if outside:  # before anything is exported
+        reconstruct(run.snapshots, [], outside[0], cfg.max_error)  # raises ConfigError naming the range
+    network = Network(run.checkpoint)
+    rows = []
+    for sigma in tqdm(sigmas, desc="post-hoc EMA", unit="length"):
+        tensors, error = reconstruct(run.snapshots, network.names, sigma, cfg.max_error)
+        network.load(tensors)
+        path = network.export(out / f"sigma_{sigma:.3f}")
+        rows.append({"kind": "post-hoc", "sigma_rel": sigma, "gamma": sigma_rel_to_gamma(sigma),
+                     "profile_error": error, "pipeline": str(path)})  # fmt: skip
+    decay = run.fixed_decay()
+    if cfg.score:
+        scoring = _scoring_config(cfg, run)
+        for row in rows:
+            source = network.evaluation_source(row["pipeline"])
+            scores = evaluate(OmegaConf.merge(scoring, {**source, "images": None}))
+            row.update(fid=scores["fid"], kid=scores["kid_mean"], kid_std=scores["kid_std"])
+        if decay is not None:  # the run's own fixed-decay EMA, for comparison
+            scores = evaluate(
+                OmegaConf.merge(scoring, {"pretrained": str(run.checkpoint), "images": None, "use_ema": True})
+            )
+            pipeline = run.folder / "pipeline"
+            rows.append({"kind": f"fixed decay {decay}", "sigma_rel": exponential_sigma_rel(decay, run.last_step),
+                         "gamma": None, "profile_error": None, "fid": scores["fid"], "kid": scores["kid_mean"],
+                         "kid_std": scores["kid_std"], "pipeline": str(pipeline) if pipeline.is_dir() else None})  # fmt: skip
+    csv_path, md_path = write_tables(rows, out)
+    summary = {"run": str(run.folder), "step": run.last_step, "valid_sigma_rel": [round(low, 4), round(high, 4)],
+               "table": str(csv_path), "markdown": str(md_path), "pipelines": [row["pipeline"] for row in rows]}  # fmt: skip
+    best = best_row(rows)
+    if best is not None:
+        fixed = next((row for row in rows if row["kind"].startswith("fixed")), None)
+        posthoc = [row for row in rows if row["kind"] == "post-hoc"]
+        summary["plot"] = str(
+            line_plot(
+                out / "ema_sweep.png", [row["sigma_rel"] for row in posthoc], [row["fid"] for row in posthoc],
+                title=f"post-hoc EMA at step {run.last_step}: FID against EMA length", x_label="sigma_rel (log)",
+                y_label="FID", reference=(fixed["kind"], fixed["fid"], _on_axis(fixed["sigma_rel"])) if fixed else None,
+            )
+        )  # fmt: skip
+        summary["best"] = {"sigma_rel": best["sigma_rel"], "fid": best["fid"], "pipeline": best["pipeline"]}
+        if fixed is not None:
+            summary["fixed_ema_fid"] = fixed["fid"]
+        print(
+            f"best EMA length: sigma_rel={best['sigma_rel']:.3f} (FID {best['fid']:.4g}) -> {best['pipeline']}"
+        )
+    print(json.dumps(summary))
+    return summary

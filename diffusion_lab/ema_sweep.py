@@ -15,11 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.atomic import write_file, write_text
+from diffusion_lab.callbacks.ema import trainable_names
 from diffusion_lab.callbacks.posthoc_ema import load_snapshot, read_snapshots
 from diffusion_lab.core.power_ema import sigma_rel_to_gamma, solve_weights
 from diffusion_lab.errors import ConfigError
 
-SIGMA_GRID = np.geomspace(0.002, 0.285, 400)
+SIGMA_GRID = np.geomspace(0.002, 0.285, 120)
 
 
 @dataclass
@@ -34,28 +35,55 @@ class RunFiles:
         folder = Path(run).expanduser()
         config_path = folder / "config.yaml"
         if not config_path.is_file():
-            raise FileNotFoundError(f"run={folder}: no config.yaml, not a `diffusion-lab train` run folder")
+            raise ConfigError(f"run={folder}: no config.yaml, not a `diffusion-lab train` run folder")
         config = OmegaConf.to_container(OmegaConf.load(config_path))
         posthoc = (config.get("callbacks") or {}).get("posthoc_ema")
         snapshot_dir = Path(posthoc["dirpath"]) if posthoc else folder / "ema_snapshots"
+        if not snapshot_dir.is_dir():  # the run folder was moved since
+            snapshot_dir = folder / "ema_snapshots"
         snapshots = read_snapshots(snapshot_dir) if snapshot_dir.is_dir() else []
         if not snapshots:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"run={folder}: no EMA snapshots in {snapshot_dir}; train with callbacks=[default,posthoc_ema] "
                 "(text-to-image: callbacks=[text_to_image,posthoc_ema])"
             )
         checkpoint = folder / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"run={folder}: no checkpoints/last.ckpt to take the network from")
+            raise ConfigError(f"run={folder}: no checkpoints/last.ckpt to take the network from")
+        step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+        if step is not None:  # the lengths are of the checkpoint's run, not of a later attempt that crashed
+            snapshots = [s for s in snapshots if s["step"] <= step]
         return cls(folder, checkpoint, snapshots, config)
 
     @property
     def last_step(self) -> int:
         return max(s["step"] for s in self.snapshots)
 
-    def fixed_decay(self) -> float | None:
-        ema = (self.config.get("callbacks") or {}).get("ema")
-        return float(ema["decay"]) if ema else None
+    def fixed_ema(self) -> dict | None:
+        """The run's fixed-decay EMA callback settings, if it had one."""
+        return (self.config.get("callbacks") or {}).get("ema")
+
+
+def profile_error(snapshots: list[dict], sigma_rel: float) -> float:
+    """How far the snapshots' best combination is from the profile of `sigma_rel` (relative L2; inf outside
+    what a power function can be)."""
+    try:
+        gamma = sigma_rel_to_gamma(sigma_rel)
+    except ValueError:
+        return math.inf
+    steps, gammas = [s["step"] for s in snapshots], [s["gamma"] for s in snapshots]
+    return solve_weights(steps, gammas, max(steps), gamma)[1]
+
+
+def check_lengths(snapshots: list[dict], sigma_rels: list[float], max_error: float) -> None:
+    """One error naming every length the snapshots cannot rebuild, and the range they can."""
+    refused = [sigma for sigma in sigma_rels if profile_error(snapshots, sigma) > max_error]
+    if refused:
+        low, high = valid_range(snapshots, max_error)
+        raise ConfigError(
+            f"sigma_rel={','.join(f'{s:g}' for s in refused)} cannot be rebuilt from these snapshots (relative "
+            f"error of the profile > max_error={max_error}); the valid range here is {low:.3f} to {high:.3f}"
+        )
 
 
 def valid_range(snapshots: list[dict], max_error: float) -> tuple[float, float]:
@@ -66,7 +94,7 @@ def valid_range(snapshots: list[dict], max_error: float) -> tuple[float, float]:
         s for s in SIGMA_GRID if solve_weights(steps, gammas, target, sigma_rel_to_gamma(s))[1] <= max_error
     ]
     if not good:
-        raise ValueError(f"no EMA length rebuilds within max_error={max_error} from these snapshots")
+        raise ConfigError(f"no EMA length rebuilds within max_error={max_error} from these snapshots")
     return float(min(good)), float(max(good))
 
 
@@ -74,20 +102,11 @@ def reconstruct(
     snapshots: list[dict], names: list[str], sigma_rel: float, max_error: float
 ) -> tuple[list, float]:
     """(the EMA of length `sigma_rel` at the last snapshot's step, as tensors in `names` order; the profile's
-    relative error). Snapshots are read one at a time, so memory holds two copies of the network, not N."""
+    relative error). Snapshots are read one at a time: memory holds a float64 sum, one snapshot and the result
+    (about five float32 copies of the trainable weights), not all N snapshots."""
+    check_lengths(snapshots, [sigma_rel], max_error)
     steps, gammas = [s["step"] for s in snapshots], [s["gamma"] for s in snapshots]
-    try:
-        gamma = sigma_rel_to_gamma(sigma_rel)
-    except ValueError:
-        gamma = None
-    error = math.inf if gamma is None else solve_weights(steps, gammas, max(steps), gamma)[1]
-    if error > max_error:
-        low, high = valid_range(snapshots, max_error)
-        raise ConfigError(
-            f"sigma_rel={sigma_rel} cannot be rebuilt from these snapshots (relative error of its profile "
-            f"{error:.3f} > max_error={max_error}); the valid range here is {low:.3f} to {high:.3f}"
-        )
-    weights, _ = solve_weights(steps, gammas, max(steps), gamma)
+    weights, error = solve_weights(steps, gammas, max(steps), sigma_rel_to_gamma(sigma_rel))
     total = None
     for snapshot, weight in zip(snapshots, weights, strict=True):
         tensors = load_snapshot(snapshot["path"], names)
@@ -98,10 +117,11 @@ def reconstruct(
     return [t.float() for t in total], error
 
 
-def exponential_sigma_rel(decay: float, step: int) -> float:
-    """Where a fixed-decay EMA sits on the sigma_rel axis: its weights beta^k over the last k steps have a
-    standard deviation of sqrt(beta) / (1 - beta) steps, relative to the training length."""
-    return math.sqrt(decay) / (1 - decay) / step
+def exponential_sigma_rel(decay: float, step: int, update_every: int = 1) -> float:
+    """Where a fixed-decay EMA sits on the sigma_rel axis: its weights beta^k over the last k updates have a
+    standard deviation of sqrt(beta) / (1 - beta) updates (each `update_every` steps), relative to the training
+    length (a warm-up is ignored)."""
+    return update_every * math.sqrt(decay) / (1 - decay) / step
 
 
 class Network:
@@ -123,7 +143,7 @@ class Network:
         else:
             self.model, _ = load_latent_checkpoint(checkpoint, use_ema=False)
             self.net = self.model.net
-        self.names = [name for name, p in self.net.named_parameters() if p.requires_grad]
+        self.names = trainable_names(self.net)
 
     @torch.no_grad()
     def load(self, tensors: list[torch.Tensor]) -> None:
@@ -177,7 +197,7 @@ def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
 
 
 def best_row(rows: list[dict]) -> dict | None:
-    scored = [row for row in rows if row["kind"] == "post-hoc" and row.get("fid") is not None]
+    scored = [row for row in rows if row["kind"] == "post-hoc" and math.isfinite(row.get("fid") or math.nan)]
     return min(scored, key=lambda row: row["fid"]) if scored else None
 
 

@@ -63,7 +63,7 @@ def line_plot(
         if x:
             px, _ = at(x, y)
             draw.rectangle([px - 5, py - 5, px + 5, py + 5], outline="red", width=2)
-        draw.text((WIDTH - MARGIN - 220, py - 16), f"{label}: {y:.4g}", fill="red", font=font)
+        draw.text((WIDTH - MARGIN - 230, MARGIN + 6), f"- - {label}: {y:.4g}", fill="red", font=font)
     pixels = [at(x, y) for x, y in points]
     if len(pixels) > 1:
         draw.line(pixels, fill="blue", width=2)

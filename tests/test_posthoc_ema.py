@@ -139,3 +139,20 @@ def test_a_lora_run_gets_its_lengths_as_lora_folders_scored_on_the_base_model(tm
         assert (out / f"sigma_{sigma}" / "pytorch_lora_weights.safetensors").is_file()
     with (out / "ema_sweep.csv").open() as handle:
         assert [row["kind"] for row in csv.DictReader(handle)] == ["post-hoc", "post-hoc", "fixed decay 0.99"]
+
+
+def test_a_resume_moves_aside_snapshots_past_its_step_and_a_late_callback_is_refused(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    module, trainer = SimpleNamespace(net=net), SimpleNamespace(global_step=0, is_global_zero=True)
+    first = PostHocEMA(str(tmp_path), snapshot_every=2)
+    for step in range(1, 7):  # a crashed attempt got to step 6; its checkpoint is at step 2
+        trainer.global_step = step
+        first.on_train_batch_end(trainer, module, None, None, step)
+    resumed = PostHocEMA(str(tmp_path), snapshot_every=2)
+    resumed.load_state_dict(first.state_dict())
+    trainer.global_step = 2
+    resumed.on_train_start(trainer, module)
+    assert sorted(s["step"] for s in read_snapshots(tmp_path)) == [2, 2]
+    assert len(list((tmp_path / "abandoned").iterdir())) == 4
+    with pytest.raises(ConfigError, match="added to a run resumed at step 2"):
+        PostHocEMA(str(tmp_path / "late")).on_train_start(trainer, module)

@@ -136,6 +136,11 @@ def trainable_parameters(pl_module: L.LightningModule) -> list[torch.nn.Paramete
     return [parameter for parameter in pl_module.net.parameters() if parameter.requires_grad]
 
 
+def trainable_names(net: torch.nn.Module) -> list[str]:
+    """The names of `trainable_parameters`, in the same order."""
+    return [name for name, parameter in net.named_parameters() if parameter.requires_grad]
+
+
 def find_ema(trainer: L.Trainer) -> EMA | None:
     return next((callback for callback in trainer.callbacks if isinstance(callback, EMA)), None)
 

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_lab.atomic import write_file
-from diffusion_lab.callbacks.ema import trainable_parameters
+from diffusion_lab.callbacks.ema import trainable_names, trainable_parameters
 from diffusion_lab.core.power_ema import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.dtypes import dtype_from_name
+from diffusion_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -25,8 +26,9 @@ class PostHocEMA(L.Callback):
     snapshots `diffusion-lab ema` rebuilds the EMA of any length after training.
 
     The profiles are float32 on the weights' device (two copies of the trainable weights), part of the Lightning
-    checkpoint (a resumed run continues them exactly), updated on every rank alike (DDP keeps the weights equal)
-    and written by rank 0 only.
+    checkpoint (a resumed run continues them exactly, and snapshots a crashed attempt wrote past the checkpoint
+    it resumes from are moved to `<dirpath>/abandoned/`), updated on every rank alike (DDP keeps the weights
+    equal) and written by rank 0 only. Not under FSDP, where each rank holds a shard of the weights.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class PostHocEMA(L.Callback):
         self.snapshot_every, self.storage_dtype = snapshot_every, storage_dtype
         self.profiles: list[list[torch.Tensor]] | None = None
         self._state_to_load: dict | None = None
+        self._restored = False
         self._last_step = 0
 
     @property
@@ -67,11 +70,34 @@ class PostHocEMA(L.Callback):
         self.profiles = [[tensor.to(device) for tensor in profile] for profile in self.profiles]
         return self.profiles
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if "FSDP" in type(trainer.strategy).__name__:
+            raise ConfigError(
+                "callbacks.posthoc_ema does not run under FSDP (each rank holds a shard of the weights): "
+                "use trainer=ddp, or remove it"
+            )
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ensure_profiles(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step  # after a restore: the next optimizer step is the next update
+        if trainer.global_step and not self._restored:
+            raise ConfigError(
+                f"callbacks.posthoc_ema was added to a run resumed at step {trainer.global_step}: its profiles "
+                "would start there while their snapshots claim the whole run. Add it from the start"
+            )
+        if trainer.is_global_zero and self.dirpath.is_dir():  # a crashed attempt's snapshots past this point
+            later = [s["path"] for s in read_snapshots(self.dirpath) if s["step"] > trainer.global_step]
+            if later:
+                (self.dirpath / "abandoned").mkdir(exist_ok=True)
+                for path in later:
+                    path.rename(self.dirpath / "abandoned" / path.name)
+                log.warning(
+                    "post-hoc EMA: moved %d snapshots past step %d to abandoned/",
+                    len(later),
+                    trainer.global_step,
+                )
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -79,9 +105,13 @@ class PostHocEMA(L.Callback):
         if step == self._last_step:  # an accumulation micro-batch, not an optimizer step
             return
         self._last_step = step
-        weights = [p.detach().float() for p in trainable_parameters(pl_module)]
-        for profile, gamma in zip(self._ensure_profiles(pl_module), self.gammas, strict=True):
-            torch._foreach_lerp_(profile, weights, 1.0 - power_ema_beta(step, gamma))
+        profiles = self._ensure_profiles(pl_module)
+        for index, weight in enumerate(
+            trainable_parameters(pl_module)
+        ):  # one fp32 copy of one tensor at a time
+            weight = weight.detach().float()
+            for profile, gamma in zip(profiles, self.gammas, strict=True):
+                profile[index].lerp_(weight, 1.0 - power_ema_beta(step, gamma))
         if step % self.snapshot_every == 0:
             self._snapshot(trainer, pl_module, step)
 
@@ -89,10 +119,17 @@ class PostHocEMA(L.Callback):
         if self._last_step and self._last_step % self.snapshot_every:  # the final weights' profiles too
             self._snapshot(trainer, pl_module, self._last_step)
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Stopped by a signal (with a checkpoint of this step): the snapshots reach the same step.
+        if self.profiles is not None and type(exception).__name__ == "RunInterrupted":
+            self.on_train_end(trainer, pl_module)
+
     def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if not trainer.is_global_zero:  # every rank holds the same profiles; one writes them
             return
-        names = [name for name, p in pl_module.net.named_parameters() if p.requires_grad]
+        names = trainable_names(pl_module.net)
         dtype = dtype_from_name(self.storage_dtype)
         for sigma_rel, gamma, profile in zip(self.sigma_rels, self.gammas, self.profiles, strict=True):
             tensors = {
@@ -105,18 +142,14 @@ class PostHocEMA(L.Callback):
         log.info("post-hoc EMA: snapshots of step %d in %s", step, self.dirpath)
 
     def state_dict(self) -> dict:
-        if self.profiles is None:
-            return {}
-        return {
-            "sigma_rels": self.sigma_rels,
-            "profiles": [[t.cpu() for t in profile] for profile in self.profiles],
-        }
+        return {} if self.profiles is None else {"sigma_rels": self.sigma_rels, "profiles": self.profiles}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
+        self._restored = True
         if state_dict["sigma_rels"] != self.sigma_rels:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint tracked sigma_rels {state_dict['sigma_rels']}, this run {self.sigma_rels}: "
                 "resume with the same callbacks.posthoc_ema.sigma_rels"
             )
@@ -155,7 +188,7 @@ def load_snapshot(path: str | Path, names: list[str]) -> list[torch.Tensor]:
     tensors = load_file(str(path))
     missing = [name for name in names if name not in tensors]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{path} does not hold {missing[0]} (and {len(missing) - 1} more): not this network's snapshot"
         )
     return [tensors[name] for name in names]

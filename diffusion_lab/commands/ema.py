@@ -12,6 +12,7 @@ from diffusion_lab.ema_sweep import (
     Network,
     RunFiles,
     best_row,
+    check_lengths,
     exponential_sigma_rel,
     reconstruct,
     valid_range,
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def _sigma_rels(value) -> list[float]:
+    """The lengths asked for, in increasing order, once each (they name folders at 3 decimals)."""
     values = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
     try:
-        return [float(v) for v in values]
+        return sorted({round(float(v), 3) for v in values})
     except (TypeError, ValueError) as error:
         raise ConfigError(f"sigma_rel={value!r}: give numbers, e.g. sigma_rel=0.03,0.05,0.1,0.2") from error
 
@@ -51,10 +53,8 @@ def ema(cfg: DictConfig) -> dict:
     run = RunFiles.of(cfg.run)
     out = Path(cfg.out) if cfg.out else run.folder / "ema_sweep"
     sigmas = _sigma_rels(cfg.sigma_rel)
+    check_lengths(run.snapshots, sigmas, cfg.max_error)  # before anything is exported
     low, high = valid_range(run.snapshots, cfg.max_error)
-    outside = [sigma for sigma in sigmas if not low <= sigma <= high]
-    if outside:  # before anything is exported
-        reconstruct(run.snapshots, [], outside[0], cfg.max_error)  # raises ConfigError naming the range
     network = Network(run.checkpoint)
     rows = []
     for sigma in tqdm(sigmas, desc="post-hoc EMA", unit="length"):
@@ -63,19 +63,20 @@ def ema(cfg: DictConfig) -> dict:
         path = network.export(out / f"sigma_{sigma:.3f}")
         rows.append({"kind": "post-hoc", "sigma_rel": sigma, "gamma": sigma_rel_to_gamma(sigma),
                      "profile_error": error, "pipeline": str(path)})  # fmt: skip
-    decay = run.fixed_decay()
+    fixed_ema = run.fixed_ema()
     if cfg.score:
         scoring = _scoring_config(cfg, run)
         for row in rows:
             source = network.evaluation_source(row["pipeline"])
             scores = evaluate(OmegaConf.merge(scoring, {**source, "images": None}))
             row.update(fid=scores["fid"], kid=scores["kid_mean"], kid_std=scores["kid_std"])
-        if decay is not None:  # the run's own fixed-decay EMA, for comparison
+        if fixed_ema is not None:  # the run's own fixed-decay EMA, for comparison
+            decay, every = float(fixed_ema["decay"]), int(fixed_ema.get("update_every", 1))
             scores = evaluate(
                 OmegaConf.merge(scoring, {"pretrained": str(run.checkpoint), "images": None, "use_ema": True})
             )
             pipeline = run.folder / "pipeline"
-            rows.append({"kind": f"fixed decay {decay}", "sigma_rel": exponential_sigma_rel(decay, run.last_step),
+            rows.append({"kind": f"fixed decay {decay}", "sigma_rel": exponential_sigma_rel(decay, run.last_step, every),
                          "gamma": None, "profile_error": None, "fid": scores["fid"], "kid": scores["kid_mean"],
                          "kid_std": scores["kid_std"], "pipeline": str(pipeline) if pipeline.is_dir() else None})  # fmt: skip
     csv_path, md_path = write_tables(rows, out)

@@ -14,13 +14,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """gamma of the profile whose relative standard deviation is `sigma_rel` (EDM2 eq. 3 solved for gamma: the
     largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2))."""
-    if not 0 < sigma_rel < 12**-0.5:  # gamma -> -1 gives sigma_rel -> 1/sqrt(12), a uniform average
+    if not 0 < sigma_rel < 12**-0.5:  # gamma = 0, a uniform average of the whole run, is 1/sqrt(12)
         raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}), got {sigma_rel}")
     t = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
@@ -59,12 +58,3 @@ def solve_weights(
     target_norm = float(profile_products(target_step, target_gamma, target_step, target_gamma))
     residual = target_norm - 2 * weights @ rhs + weights @ gram @ weights
     return weights, math.sqrt(max(residual, 0.0) / target_norm)
-
-
-def combine(snapshots: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
-    """sum_i weights_i snapshot_i, tensor by tensor, in float64 then back to float32."""
-    combined = [torch.zeros_like(tensor, dtype=torch.float64) for tensor in snapshots[0]]
-    for snapshot, weight in zip(snapshots, weights, strict=True):
-        for total, tensor in zip(combined, snapshot, strict=True):
-            total.add_(tensor.to(torch.float64), alpha=float(weight))
-    return [total.float() for total in combined]

@@ -104,7 +104,7 @@ def reconstruct(
     """(the EMA of length `sigma_rel` at the last snapshot's step, as tensors in `names` order; the profile's
     relative error). Snapshots are read one at a time: memory holds a float64 sum, one snapshot and the result
     (about five float32 copies of the trainable weights), not all N snapshots."""
-    check_lengths(snapshots, [sigma_rel], max_error)
+    check_lengths(snapshots, [sigma_rel], max_error)  # (one small solve; the snapshots are the cost)
     steps, gammas = [s["step"] for s in snapshots], [s["gamma"] for s in snapshots]
     weights, error = solve_weights(steps, gammas, max(steps), sigma_rel_to_gamma(sigma_rel))
     total = None

@@ -60,6 +60,8 @@ class PostHocEMA(L.Callback):
         return "PostHocEMA"
 
     def _ensure_profiles(self, pl_module: L.LightningModule) -> list[list[torch.Tensor]]:
+        if self.profiles is not None and self._state_to_load is None:  # every step after the first
+            return self.profiles
         device = next(iter(trainable_parameters(pl_module))).device
         if self._state_to_load is not None:
             saved, self._state_to_load = self._state_to_load, None

@@ -17,16 +17,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with its dev tools
 
-train: $(STAMP) ## train the default DDPM on the embedded digits (ARGS="model.lr=1e-4 ..." to override)
+train: $(STAMP) ## train the default pixel model on the embedded digits (ARGS="model.lr=1e-4 ..." to override)
 	$(VENV)/bin/diffusion-lab train $(ARGS)
 
 TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite (offline, CPU; TEST_WORKERS=2 pytest-xdist processes)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/pytest -n $(TEST_WORKERS) $(ARGS)
 
-lint: $(STAMP) ## ruff check + format check
+lint: $(STAMP) ## ruff check + format check + the import layers (import-linter)
 	$(VENV)/bin/ruff check diffusion_lab tests
 	$(VENV)/bin/ruff format --check diffusion_lab tests
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix diffusion_lab tests

@@ -1,22 +1,26 @@
-"""`diffusion-lab COMMAND [overrides]`: each command is a Hydra app over the configs shipped in `diffusion_lab/conf/`."""
+"""`diffusion-lab COMMAND [overrides]`: each command is a Hydra app over the configs shipped in `conf/`."""
 
 import functools
 import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.overrides import admit_library_arguments, bracket_lists, explain_bad_overrides
-from diffusion_lab.resolvers import register_resolvers
+from diffusion_lab.runs.overrides import (
+    CONFIG_MODULE,
+    admit_library_arguments,
+    bracket_lists,
+    explain_bad_overrides,
+)
+from diffusion_lab.runs.renamed import refuse_renamed_overrides
+from diffusion_lab.runs.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # package data: the same in a checkout, a wheel, a venv
 
 # command -> (module, task function, primary config); `bench` takes a case name first.
 COMMANDS = {
@@ -29,27 +33,28 @@ COMMANDS = {
 }
 LIST_KEYS = {"ema": ("sigma_rel",)}  # command -> keys whose comma-separated values are one list
 BENCH_CASES = {
-    "train": ("diffusion_lab.commands.bench_train", "bench_train", "bench_train"),
-    "data": ("diffusion_lab.commands.bench_data", "bench_data", "bench_data"),
-    "sampling": ("diffusion_lab.commands.bench_sampling", "bench_sampling", "bench_sampling"),
-    "latent_cache": ("diffusion_lab.commands.bench_latent_cache", "bench_latent_cache", "bench_latent_cache"),
+    "train": ("diffusion_lab.benchmarks.train_step", "bench_train", "bench_train"),
+    "data": ("diffusion_lab.benchmarks.data_loading", "bench_data", "bench_data"),
+    "sampling": ("diffusion_lab.benchmarks.sampling", "bench_sampling", "bench_sampling"),
+    "latent_cache": ("diffusion_lab.benchmarks.latent_cache", "bench_latent_cache", "bench_latent_cache"),
 }
 
 USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--help]
 
 commands:
   train              train a model (no arguments: DDPM on the embedded digits)
-  sample             images from a checkpoint, pipeline folder or hub id: pretrained=PATH_OR_ID out=DIR
-  eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR or pretrained=..., vs
-                     reference=DIR or data=NAME
-  export             Lightning checkpoint -> diffusers pipeline folder: ckpt=PATH out=DIR
+  sample             images from a Lightning checkpoint (ckpt_path=FILE) or a diffusers pipeline
+                     (pretrained=DIR_OR_HUB_ID): out_dir=DIR
+  eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR, ckpt_path=... or
+                     pretrained=..., vs reference=DIR or data=NAME
+  export             Lightning checkpoint -> diffusers pipeline folder: ckpt_path=FILE out_dir=DIR
   ema                post-hoc EMA lengths of a run (callbacks=[default,posthoc_ema]): run=DIR
                      sigma_rel=0.03,0.05,0.1,0.2 [score=true]
-  tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out=DIR
+  tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out_dir=DIR
   bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
 
 Every config value is overridable (model.lr=1e-4 trainer.max_steps=500); `--help` after a command lists
-its config groups. Configs: {CONFIG_DIR}
+its config groups. Configs: the package {CONFIG_MODULE} (conf/ in a checkout)
 """
 
 
@@ -80,17 +85,20 @@ def main(argv: list[str] | None = None):
     # submitit asks SLURM for USR2 before a time-out; Lightning's SLURM auto-requeue (checkpoint, requeue,
     # resume) listens for USR1. Read by submitit when imported, so set before Hydra loads its launcher.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    overrides = admit_library_arguments(
-        CONFIG_DIR, config_name, bracket_lists(overrides, LIST_KEYS.get(label, ()))
-    )
+    try:
+        refuse_renamed_overrides(overrides, label)
+    except ConfigError as error:
+        print(f"diffusion-lab: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    overrides = admit_library_arguments(config_name, bracket_lists(overrides, LIST_KEYS.get(label, ())))
     task = report_errors(getattr(importlib.import_module(module_name), function_name))
     sys.argv = [f"diffusion-lab {label}", *overrides]
-    app = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)
+    app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
     try:
         return app()
     except SystemExit as exit_:
         if exit_.code == 1:  # Hydra's own refusal of the command line (ours are 2, 3, 130, 143)
-            hint = explain_bad_overrides(CONFIG_DIR, config_name, overrides)
+            hint = explain_bad_overrides(config_name, overrides)
             if hint:
                 print(hint, file=sys.stderr)
         raise

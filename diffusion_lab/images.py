@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from diffusion_lab.atomic import write_file
+from diffusion_lab.runs.atomic import write_file
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

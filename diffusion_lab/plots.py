@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusion_lab.atomic import write_file
+from diffusion_lab.runs.atomic import write_file
 
 WIDTH, HEIGHT, MARGIN = 640, 420, 64
 

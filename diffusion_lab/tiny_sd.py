@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffusion_lab.atomic import write_folder
+from diffusion_lab.runs.atomic import write_folder
 
 WORDS = [
     "a",

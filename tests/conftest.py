@@ -10,10 +10,10 @@ os.environ["DIFFUSION_LAB_CACHE"] = tempfile.mkdtemp(prefix="diffusion_lab_test_
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from diffusion_lab.cli import CONFIG_DIR  # noqa: E402
+from diffusion_lab.runs.overrides import CONFIG_MODULE  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -37,7 +37,7 @@ def compose_config(tmp_path):
 
     def _compose(*overrides: str, config_name: str = "train"):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             defaults = [f"paths.output_dir={tmp_path}"]
             if config_name == "train":  # never the user's ~/.cache
                 defaults.append(f"paths.cache_dir={tmp_path / 'cache'}")

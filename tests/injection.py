@@ -9,9 +9,9 @@ import time
 import lightning as L
 import torch
 
-from diffusion_lab.atomic import write_file
+from diffusion_lab.runs.atomic import write_file
 from diffusion_lab.callbacks import PipelineExport
-from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.models import PixelDiffusion
 
 
@@ -62,9 +62,9 @@ class KilledDuringExport(PipelineExport):
             pl_module.net.save_pretrained(folder / "unet")
             os.kill(os.getpid(), signal.SIGKILL)
 
-        from diffusion_lab.export import write_pipeline
+        from diffusion_lab.families.export import write_pipeline
 
-        write_pipeline(self.dirpath, [pl_module.net], save_then_die)
+        write_pipeline(self.out_dir, [pl_module.net], save_then_die)
 
 
 class NaNLossAt(PixelDiffusion):

@@ -47,9 +47,9 @@ def test_exported_pipeline_loads_with_from_pretrained_and_samples(trained_run):
 def test_export_command_writes_the_ema_weights(trained_run, tmp_path):
     run_dir, _ = trained_run
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
-    result = cli("export", f"ckpt={checkpoint_path}", f"out={tmp_path / 'exported'}")
+    result = cli("export", f"ckpt_path={checkpoint_path}", f"out_dir={tmp_path / 'exported'}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["used_ema"] is True and report["global_step"] == 6
+    assert report["used_ema"] is True and report["global_step"] == 6 and report["family"] == "pixel"
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "exported")
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     shadow = checkpoint["callbacks"]["EMA"]["shadow_params"]
@@ -117,7 +117,7 @@ def test_bench_latent_cache_prints_cached_and_uncached_speeds(tmp_path):
 
 def test_bench_sampling_counts_network_evaluations_per_sampler():
     result = cli("bench", "sampling", "model/net=unet_tiny", "data.image_size=8", "batch_size=2",
-                 "samplers.ddpm_1000.steps=30")  # fmt: skip
+                 "samplers.ddpm_1000.num_inference_steps=30")  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
     nfe = {name: entry["nfe_per_image"] for name, entry in report["samplers"].items()}
     assert nfe == {"ddpm_1000": 30, "ddim_50": 50, "dpmpp_20": 20, "unipc_10": 10}
@@ -132,7 +132,7 @@ def test_bench_without_a_case_lists_the_cases():
 def test_sd_finetune_tiny_builds_its_checkpoint_trains_from_the_cache_and_exports(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     result = cli(
-        "train", "experiment=sd_finetune_tiny", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "train", "experiment=sd_finetune_tiny", "trainer.max_steps=4", "val_every_n_steps=2",
         "trainer.limit_val_batches=2", "callbacks.prompt_grid.every_n_steps=2",
         "callbacks.prompt_grid.num_inference_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.progress_bar.refresh_rate=0", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}",
@@ -151,11 +151,11 @@ def test_sd_finetune_tiny_builds_its_checkpoint_trains_from_the_cache_and_export
                       output_type="np").images  # fmt: skip
     assert images.shape == (1, 32, 32, 3)
     exported = json.loads(
-        cli("export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'out'}")
+        cli("export", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path / 'out'}")
         .stdout.strip()
         .splitlines()[-1]
     )
-    assert exported["used_ema"] and exported["global_step"] == 4
+    assert exported["used_ema"] and exported["global_step"] == 4 and exported["family"] == "sd"
     from_checkpoint = DiffusionPipeline.from_pretrained(tmp_path / "out")
     exported_unet = from_checkpoint.unet.state_dict()  # the same EMA UNet the run exported
     assert all(torch.equal(exported_unet[k], v) for k, v in pipeline.unet.state_dict().items())

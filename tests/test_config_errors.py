@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_lab.cli import main
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.resume import resolve_checkpoint
+from diffusion_lab.runs.resume import resolve_checkpoint
 from tests import builders
 
 
@@ -27,12 +27,12 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("data.batch_size=0", "data.batch_size=0: must be above 0"),
         ("model.lr=-1e-3", "model.lr=-0.001: must be above 0"),
         (
-            "model.objective.zero_terminal_snr=true",
+            "model.noise_scheduler.rescale_betas_zero_snr=true",
             "zero terminal SNR needs a prediction that is defined at pure noise",
         ),
         ("guard.nonfinite=ignore", "guard.nonfinite='ignore'; valid: stop, skip"),
         (
-            "model/objective=flow_matching model.objective.timesteps.std=0",
+            "model/objective=flow_matching model/noise_scheduler=flow_match model.objective.timesteps.std=0",
             "model.objective.timesteps.std must be positive, got 0",
         ),
     ],
@@ -43,8 +43,10 @@ def test_a_wrong_type_or_value_is_one_line_naming_the_key(capsys, tmp_path, over
 
 
 def test_a_value_left_unset_is_one_line_naming_the_key(capsys, tmp_path):
-    code, output = run_cli(capsys, "sample", f"hydra.run.dir={tmp_path}")
-    assert code == 2 and "pretrained has no value (??? in the config): set pretrained=..." in output
+    code, output = run_cli(capsys, "export", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "ckpt_path has no value (??? in the config): set ckpt_path=..." in output
+    code, output = run_cli(capsys, "sample", f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "name exactly one model: ckpt_path=FILE" in output and "Traceback" not in output
 
 
 def test_every_trainer_argument_is_a_key_and_a_wrong_one_lists_them(capsys, tmp_path):

@@ -1,16 +1,18 @@
 """Every config composes; every experiment builds its model."""
 
 import math
-from pathlib import Path
+from importlib.resources import files
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion_lab.cli import CONFIG_DIR
+from diffusion_lab.runs.overrides import CONFIG_MODULE
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-NETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "net").glob("*.yaml"))
+CONFIG_ROOT = files(CONFIG_MODULE)
+
+EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("experiment").iterdir() if p.name.endswith(".yaml"))
+NETS = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("model", "net").iterdir() if p.name.endswith(".yaml"))
 
 
 def test_experiments_are_found():
@@ -36,7 +38,7 @@ def test_sd_finetune_recipe_has_the_seed_settings(compose_config):
     assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert cfg.data.image_size == 512 and cfg.model.lr == 1e-5 and cfg.model.caption_dropout == 0.1
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
-    assert "ema" in cfg.callbacks and cfg.latent_cache.pretrained == cfg.model.pretrained
+    assert "ema" in cfg.callbacks and cfg.latent_cache.encoder.pretrained == cfg.model.pretrained
 
 
 def test_flowers_recipe_has_the_seed_hyperparameters(compose_config):
@@ -136,7 +138,7 @@ def test_config_group_options_compose(compose_config, overrides):
     instantiate(cfg.model.noise_scheduler)
 
 
-DATA = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
+DATA = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("data").iterdir() if p.name.endswith(".yaml"))
 
 
 @pytest.mark.parametrize("data", DATA)
@@ -161,9 +163,9 @@ def test_every_trainer_config_composes_with_every_precision(compose_config, trai
 
 
 def test_the_slurm_launcher_composes_for_a_ddp_sweep():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose(
             "train", overrides=["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4"],
             return_hydra_config=True,
@@ -177,9 +179,9 @@ def test_the_slurm_launcher_composes_for_a_ddp_sweep():
 
 
 def test_the_optuna_search_composes(compose_config):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=digits_optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.optimized_metric == "val/loss"
     assert set(cfg.hydra.sweeper.params) == {"model.lr", "model.objective.noise_offset", "data.batch_size"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_lab.commands.instantiate import build_run
-from diffusion_lab.finite import NonFiniteWeights
+from diffusion_lab.runs.finite import NonFiniteWeights
 from tests.conftest import TINY
 from tests.test_commands import cli
 from tests.test_faults import FAST, load, summary_of
@@ -46,7 +46,7 @@ def _guarded_run(compose_config, *overrides):
         *TINY,
         "model._target_=tests.injection.NaNLossAt",
         "trainer.max_steps=7",
-        "trainer.val_check_interval=100",
+        "val_every_n_steps=100",
         *overrides,
     )
     datamodule, model, trainer = build_run(cfg)
@@ -88,8 +88,8 @@ def test_stop_raises_before_the_weights_see_the_fault(compose_config, fault):
 
 
 def test_export_and_sample_refuse_non_finite_weights(trained_run, tmp_path):
-    from diffusion_lab.export import export_checkpoint
-    from diffusion_lab.generation import load_sampler
+    from diffusion_lab.families import load_sampler
+    from diffusion_lab.families.export import export_checkpoint
 
     checkpoint = load(trained_run[0] / "checkpoints" / "last.ckpt")
     checkpoint["state_dict"]["net.conv_in.weight"][0] = float("nan")
@@ -98,7 +98,7 @@ def test_export_and_sample_refuse_non_finite_weights(trained_run, tmp_path):
     with pytest.raises(NonFiniteWeights, match="conv_in"):
         export_checkpoint(tmp_path / "bad.ckpt", tmp_path / "pipeline")
     with pytest.raises(NonFiniteWeights):
-        load_sampler(str(tmp_path / "bad.ckpt"))
+        load_sampler(ckpt_path=str(tmp_path / "bad.ckpt"))
     assert not (tmp_path / "pipeline").exists()
 
 

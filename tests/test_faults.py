@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lab.atomic import DiskFull, write_file
-from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.runs.atomic import DiskFull, write_file
+from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.commands.instantiate import build_run
-from diffusion_lab.finite import NonFiniteWeights
+from diffusion_lab.runs.finite import NonFiniteWeights
 from tests.conftest import TINY
 from tests.test_commands import ENV, cli
 
@@ -72,7 +72,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
 
 def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     killed_mid_write = (
-        "import os, sys; from diffusion_lab.atomic import staged\n"
+        "import os, sys; from diffusion_lab.runs.atomic import staged\n"
         "with staged(sys.argv[1]) as temporary:\n"
         "    temporary.write_bytes(b'half a checkpoint'); os.kill(os.getpid(), 9)"
     )
@@ -140,7 +140,7 @@ def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_resume_finishe
             *FAST,
             "trainer.max_steps=40",
             "callbacks.model_checkpoint.every_n_train_steps=2",
-            "trainer.val_check_interval=20",
+            "val_every_n_steps=20",
             "trainer.plugins=[{_target_:tests.injection.SlowCheckpointIO}]",
             f"hydra.run.dir={run_dir}",
             f"paths.cache_dir={tmp_path / 'cache'}",
@@ -233,7 +233,7 @@ def _train_in_process(compose_config, *overrides) -> int:
     cfg = compose_config(
         *TINY,
         "trainer.max_steps=8",
-        "trainer.val_check_interval=4",
+        "val_every_n_steps=4",
         "callbacks.model_checkpoint.every_n_train_steps=100",
         "+callbacks.stop._target_=tests.injection.SignalAt",
         *overrides,
@@ -287,7 +287,7 @@ def test_last_ckpt_holds_the_final_step_and_short_runs_log_it(compose_config, tm
         "trainer.max_steps=7",
         "callbacks.model_checkpoint.every_n_train_steps=5",
         "trainer.log_every_n_steps=25",
-        "trainer.val_check_interval=100",
+        "val_every_n_steps=100",
     )
     datamodule, model, trainer = build_run(cfg)
     trainer.fit(model, datamodule=datamodule)

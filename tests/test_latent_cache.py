@@ -9,6 +9,7 @@ import torch
 
 from diffusion_lab.data import DigitsDataModule, ImageDataModule, LatentCacheDataModule
 from diffusion_lab.data.transforms import to_signed_unit
+from diffusion_lab.families import LatentEncoder
 from diffusion_lab.models import LatentDiffusion
 from tests.builders import write_caption_table
 from tests.conftest import bare_trainer
@@ -25,9 +26,14 @@ def _digits(batch_size=8):
     return DigitsDataModule(image_size=32, channels=3, batch_size=batch_size, caption_template=CAPTION)
 
 
+def _encoder(tiny_sd, **overrides):
+    """The frozen parts' encoder as the config builds it (text encoders in float32)."""
+    return LatentEncoder(str(tiny_sd), **{"text_encoder_dtype": "float32", **overrides})
+
+
 def _cached(tiny_sd, tmp_path, images=None, **overrides):
     data = LatentCacheDataModule(
-        images or _digits(), pretrained=str(tiny_sd), cache_dir=str(tmp_path / "cache"), **overrides
+        images or _digits(), encoder=_encoder(tiny_sd), cache_dir=str(tmp_path / "cache"), **overrides
     )
     data.prepare_data()
     data.setup("fit")
@@ -107,7 +113,7 @@ def test_random_flips_cache_both_orientations_and_training_draws_both(tiny_sd, t
     row = next(i for i in range(len(cached.train_set)) if cached.train_set[i]["index"] == example["index"])
     model = _model(tiny_sd)
     for orientation, view in enumerate([pixels, pixels.flip(-1)]):
-        mean, std = model.encode_posterior(view)
+        mean, std = model.encoder.encode_posterior(view)
         torch.testing.assert_close(
             cached.train_set[row]["latent_mean"][orientation], mean[0], atol=1e-5, rtol=1e-5
         )
@@ -139,14 +145,14 @@ def test_the_cache_is_reused_and_keyed_on_what_changes_its_contents(tiny_sd, tmp
     assert os.stat(folder / "latent_mean.bin").st_mtime_ns == written  # reused, not rebuilt
     assert _cached(tiny_sd, tmp_path, batch_size=4).cache_folder("train") == folder  # loader settings: same
     changed = [
-        LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path / "cache"), storage_dtype="float16"),
-        LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path / "cache"), text_encoder_dtype="bfloat16"),
-        LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path / "cache"), vae_dtype=None),
+        LatentCacheDataModule(_digits(), _encoder(tiny_sd), str(tmp_path / "cache"), storage_dtype="float16"),
+        LatentCacheDataModule(_digits(), _encoder(tiny_sd, text_encoder_dtype="bfloat16"), str(tmp_path / "cache")),
+        LatentCacheDataModule(_digits(), _encoder(tiny_sd, vae_dtype=None), str(tmp_path / "cache")),
         LatentCacheDataModule(
-            DigitsDataModule(image_size=16, channels=3, caption_template=CAPTION), str(tiny_sd), str(tmp_path / "cache")
+            DigitsDataModule(image_size=16, channels=3, caption_template=CAPTION), _encoder(tiny_sd), str(tmp_path / "cache")
         ),
         LatentCacheDataModule(
-            DigitsDataModule(image_size=32, channels=3, caption_template="digit {label}"), str(tiny_sd), str(tmp_path / "cache")
+            DigitsDataModule(image_size=32, channels=3, caption_template="digit {label}"), _encoder(tiny_sd), str(tmp_path / "cache")
         ),
     ]  # fmt: skip
     folders = {data.cache_folder("train") for data in changed}
@@ -156,7 +162,7 @@ def test_the_cache_is_reused_and_keyed_on_what_changes_its_contents(tiny_sd, tmp
     os.utime(weights, ns=(written + 10**9, written + 10**9))
     try:
         assert (
-            LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path / "cache")).cache_folder("train")
+            LatentCacheDataModule(_digits(), _encoder(tiny_sd), str(tmp_path / "cache")).cache_folder("train")
             != folder
         )
     finally:
@@ -169,7 +175,7 @@ def test_float16_storage_round_trips_within_half_precision(tiny_sd, tmp_path):
         half.train_set[0]["latent_mean"], full.train_set[0]["latent_mean"], atol=2e-3, rtol=1e-3
     )
     with pytest.raises(ValueError, match="float32"):
-        LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path), storage_dtype="bfloat16")
+        LatentCacheDataModule(_digits(), _encoder(tiny_sd), str(tmp_path), storage_dtype="bfloat16")
 
 
 def test_training_from_the_cache_never_runs_the_frozen_models(tiny_sd, tmp_path):
@@ -190,6 +196,6 @@ def test_training_from_the_cache_never_runs_the_frozen_models(tiny_sd, tmp_path)
 
 
 def test_a_missing_cache_names_prepare_data(tiny_sd, tmp_path):
-    data = LatentCacheDataModule(_digits(), str(tiny_sd), str(tmp_path / "empty"))
+    data = LatentCacheDataModule(_digits(), _encoder(tiny_sd), str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         data.setup("fit")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_lab.core import keyed_integers, keyed_normal, salted, sample_keys
-from diffusion_lab.core.random import TIMESTEP_SALT
+from diffusion_lab.core.random import TIMESTEP_SALT, keyed_gaussian_sample
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.models import LatentDiffusion
 from tests.conftest import bare_trainer
@@ -64,7 +64,8 @@ def test_dropped_captions_become_the_empty_prompt(tiny_sd):
     dropped = model.caption_dropped(keys)
     assert dropped.any() and not dropped.all()
     context = model.conditioning(batch, keys)["encoder_hidden_states"]
-    empty, caption = model.encode_text([""])[0], model.encode_text(["a handwritten digit 3"])[0]
+    empty = model.encoder.encode_prompts([""], model.device).hidden[0]
+    caption = model.encoder.encode_prompts(["a handwritten digit 3"], model.device).hidden[0]
     for row, drop in zip(context, dropped.tolist(), strict=True):
         torch.testing.assert_close(row, empty if drop else caption)
     held_out = model.conditioning(batch)["encoder_hidden_states"]  # no keys: nothing dropped
@@ -72,11 +73,11 @@ def test_dropped_captions_become_the_empty_prompt(tiny_sd):
 
 
 def test_v_prediction_target_matches_a_hand_computation(tiny_sd):
-    model = _model(tiny_sd, prediction_type="v_prediction")
+    model = _model(tiny_sd, noise_scheduler={"prediction_type": "v_prediction"})
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     batch = next(iter(_digits(4).train_dataloader()))
     keys = sample_keys(0, 0, batch["index"])
-    latents = model.encode_images(batch["pixels"], keys)
+    latents = model.encoder.scale_latents(keyed_gaussian_sample(*model.encoder.encode_posterior(batch["pixels"]), keys))
 
     class Zero(torch.nn.Module):  # predicts 0, so the loss is the mean square of the target
         def forward(self, sample, timestep, **kwargs):
@@ -106,10 +107,10 @@ def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd
     from hydra.utils import instantiate
 
     cfg = compose_config(
-        "model=latent_diffusion", f"model.pretrained={tiny_sd}", "model.gradient_checkpointing=true"
+        "model=latent", f"model.pretrained={tiny_sd}", "model.gradient_checkpointing=true"
     )
     assert (
-        compose_config("model=latent_diffusion").model.pretrained
+        compose_config("model=latent").model.pretrained
         == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
     model = instantiate(cfg.model)
@@ -119,10 +120,11 @@ def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd
 def test_pixel_only_callbacks_fail_at_the_start_with_a_way_out(tiny_sd, compose_config, tmp_path):
     from diffusion_lab.commands.instantiate import build_run
 
-    cfg = compose_config("model=latent_diffusion", f"model.pretrained={tiny_sd}",
+    cfg = compose_config("model=latent", f"model.pretrained={tiny_sd}",
                          "data.caption_template='a handwritten digit {label}'", "data.channels=3", "data.image_size=32")  # fmt: skip
     datamodule, model, trainer = build_run(cfg)
     with pytest.raises(
-        ValueError, match=r"callbacks.sample_grid works with pixel models .* ~callbacks.sample_grid"
+        ValueError,
+        match=r"callbacks.sample_grid draws image grids; the sd family's grid is a prompt grid .* ~callbacks.sample_grid",
     ):
         trainer.fit(model, datamodule=datamodule)

@@ -22,14 +22,16 @@ OBJECTIVES = {
         "model.noise_scheduler.prediction_type=v_prediction",
         "model/objective/weighting=min_snr",
     ],
-    "flow_uniform": ["model/objective=flow_matching"],
+    "flow_uniform": ["model/objective=flow_matching", "model/noise_scheduler=flow_match"],
     "flow_logit_normal_cosmap": [
         "model/objective=flow_matching",
+        "model/noise_scheduler=flow_match",
         "model/objective/timesteps=logit_normal",
         "model/objective/weighting=cosmap",
     ],
     "flow_mode_shift": [
         "model/objective=flow_matching",
+        "model/noise_scheduler=flow_match",
         "model/objective/timesteps=mode",
         "model.objective.shift=3.0",
     ],
@@ -75,7 +77,9 @@ def test_every_objective_trains_the_latent_model(tiny_sd, objective):
 
 def test_a_flow_pixel_export_loads_in_diffusion_pipeline_and_samples(compose_config, tmp_path):
     model = instantiate(
-        compose_config(*TINY, "model/objective=flow_matching", "model.objective.shift=2.0").model
+        compose_config(
+            *TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match", "model.objective.shift=2.0"
+        ).model
     )
     model.save_pipeline(tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
@@ -86,17 +90,19 @@ def test_a_flow_pixel_export_loads_in_diffusion_pipeline_and_samples(compose_con
     ).images
     assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
     # The folder samples as the live model does: same scheduler, same network, same seeds.
-    settings = SampleSettings(scheduler="heun", steps=3)
+    settings = SampleSettings(scheduler="heun", num_inference_steps=3)
     live = PixelSampler(model.net, model.noise_scheduler).generate([0, 1], settings)
     loaded = PixelSampler(pipeline.unet, pipeline.scheduler).generate([0, 1], settings)
     torch.testing.assert_close(live, loaded)
 
 
-def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, tmp_path):
+def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, tmp_path, compose_config):
     """From the .ckpt file alone: the checkpoint's hyperparameters say nothing of the objective, its saved
     noise scheduler does."""
-    from diffusion_lab.export import export_checkpoint
-    from diffusion_lab.generation import load_sampler
+    from diffusion_lab.errors import ConfigError
+    from diffusion_lab.families import load_sampler
+    from diffusion_lab.families.export import export_checkpoint
+    from diffusion_lab.runs.config_checks import check_run_config
 
     model = LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=FlowMatching)
     data = DigitsDataModule(
@@ -106,10 +112,10 @@ def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, t
     trainer = bare_trainer(1)
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     trainer.save_checkpoint(tmp_path / "flow.ckpt")
-    sampler, _ = load_sampler(str(tmp_path / "flow.ckpt"))
+    sampler, _ = load_sampler(ckpt_path=str(tmp_path / "flow.ckpt"))
     assert type(sampler.scheduler(SampleSettings())).__name__ == "FlowMatchEulerDiscreteScheduler"
     for name in ("euler", "heun", "dpm++"):  # through StableDiffusionPipeline, which reads init_noise_sigma
-        image = sampler.generate([0], SampleSettings(scheduler=name, steps=2), prompts=["a digit"])
+        image = sampler.generate([0], SampleSettings(scheduler=name, num_inference_steps=2), prompts=["a digit"])
         assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     export_checkpoint(tmp_path / "flow.ckpt", tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
@@ -121,11 +127,9 @@ def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, t
         "a digit", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)
     ).images
     assert image.shape == (1, 32, 32, 3)
-    with pytest.raises(Exception, match="prediction_type"):
-        LatentDiffusion(
-            str(tiny_sd),
-            optimizer=torch.optim.AdamW,
-            lr=1e-3,
-            objective=FlowMatching,
-            prediction_type="v_prediction",
-        )
+    flow_with_v = compose_config(
+        "model=latent", f"model.pretrained={tiny_sd}", "model/objective=flow_matching",
+        "model.noise_scheduler.prediction_type=v_prediction",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="prediction_type"):
+        check_run_config(flow_with_v)

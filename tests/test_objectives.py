@@ -167,7 +167,7 @@ def test_ddpm_noise_levels_are_the_schedules():
 def test_a_checkpoints_scheduler_description_keeps_a_value_diffusers_had_listed_as_default():
     """SD 1.5's scheduler lists prediction_type among its defaults: a v-prediction fine-tune described and
     rebuilt from the checkpoint must stay v-prediction (else it samples and exports as epsilon)."""
-    from diffusion_lab.models.serialization import describe_components, rebuild_component
+    from diffusion_lab.families.checkpoints import describe_components, rebuild_component
 
     scheduler = diffusers.DDPMScheduler()
     assert "prediction_type" in scheduler.config["_use_default_values"]
@@ -179,10 +179,10 @@ def test_a_checkpoints_scheduler_description_keeps_a_value_diffusers_had_listed_
 
 
 def test_resuming_under_another_objective_is_refused(compose_config, tmp_path):
-    from diffusion_lab.models.serialization import describe_components
-    from diffusion_lab.resume import check_same_objective
+    from diffusion_lab.families.checkpoints import describe_components
+    from diffusion_lab.runs.resume import check_same_objective
 
-    flow = instantiate(compose_config(*TINY, "model/objective=flow_matching").model)
+    flow = instantiate(compose_config(*TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match").model)
     ddpm_checkpoint = {"diffusers_components": describe_components(noise_scheduler=diffusers.DDPMScheduler())}
     with pytest.raises(
         ConfigError, match="trained with model/objective=ddpm; this config has model/objective=flow_matching"
@@ -291,7 +291,8 @@ def test_every_flow_sampler_integrates_an_exact_velocity_to_the_data():
 
 
 def test_objectives_build_from_the_config_groups(compose_config):
-    cfg = compose_config(*TINY, "model/objective=flow_matching", "model/objective/timesteps=logit_normal",
+    cfg = compose_config(*TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match",
+                         "model/objective/timesteps=logit_normal",
                          "model/objective/weighting=min_snr", "model.objective.shift=2.0")  # fmt: skip
     model = instantiate(cfg.model)
     assert isinstance(model.objective, FlowMatching) and model.objective.shift == 2.0

@@ -75,7 +75,7 @@ def test_class_conditional_net_uses_labels(compose_config):
 
 
 def test_compile_and_channels_last_keep_outputs_and_checkpoint_keys(compose_config):
-    from diffusion_lab.performance import apply_speed_settings
+    from diffusion_lab.runs.performance import apply_speed_settings
 
     model, _ = _tiny_model(compose_config)
     keys = list(model.state_dict())
@@ -90,7 +90,7 @@ def test_compile_and_channels_last_keep_outputs_and_checkpoint_keys(compose_conf
 
 
 def test_learning_rate_scaling_rules():
-    from diffusion_lab.performance import effective_batch_size, scaled_learning_rate
+    from diffusion_lab.runs.performance import effective_batch_size, scaled_learning_rate
 
     assert effective_batch_size(16, 2, 4) == 128
     assert scaled_learning_rate(1e-4, 128, 32, "linear") == pytest.approx(4e-4)
@@ -104,7 +104,7 @@ def test_a_class_conditional_export_runs_through_from_pretrained_with_labels(com
     """The folder alone (its pipeline.py, hence `trust_remote_code=True`), loaded by diffusers: labels work."""
     from diffusers import DiffusionPipeline
 
-    from diffusion_lab.export import write_pipeline
+    from diffusion_lab.families.export import write_pipeline
 
     model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
     write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
@@ -125,13 +125,14 @@ def test_a_class_conditional_export_runs_through_from_pretrained_with_labels(com
 
 
 def test_the_sample_command_loads_a_class_conditional_export(compose_config, tmp_path):
-    from diffusion_lab.export import write_pipeline
-    from diffusion_lab.generation import SampleSettings, load_sampler
+    from diffusion_lab.families import load_sampler
+    from diffusion_lab.families.export import write_pipeline
+    from diffusion_lab.generation import SampleSettings
 
     model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
     write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
     (tmp_path / "pipeline" / "pipeline.py").write_text("raise RuntimeError('the folder code ran')\n")
-    sampler, details = load_sampler(str(tmp_path / "pipeline"))  # our class: the folder's code is not run
+    sampler, details = load_sampler(pretrained=str(tmp_path / "pipeline"))  # our class: the folder's code is not run
     assert details["pipeline_class"] == "ClassConditionalDDPMPipeline" and sampler.num_classes == 10
-    images = sampler.generate([0, 1], SampleSettings(scheduler="ddim", steps=2), class_labels=[2, 5])
+    images = sampler.generate([0, 1], SampleSettings(scheduler="ddim", num_inference_steps=2), class_labels=[2, 5])
     assert images.shape == (2, 1, 8, 8)

@@ -9,10 +9,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffusion_lab.callbacks import PostHocEMA
-from diffusion_lab.callbacks.posthoc_ema import read_snapshots
-from diffusion_lab.core.power_ema import gamma_to_sigma_rel, power_ema_beta, sigma_rel_to_gamma
-from diffusion_lab.ema_sweep import reconstruct, valid_range
+from diffusion_lab.posthoc_ema import PostHocEMA
+from diffusion_lab.posthoc_ema.callback import read_snapshots
+from diffusion_lab.posthoc_ema.power import gamma_to_sigma_rel, power_ema_beta, sigma_rel_to_gamma
+from diffusion_lab.posthoc_ema.sweep import reconstruct, valid_range
 from diffusion_lab.errors import ConfigError
 from tests.test_commands import cli
 
@@ -103,8 +103,8 @@ def test_the_ema_command_exports_each_length_scores_them_and_names_the_best(tmp_
     assert refused.returncode == 2 and "valid range here is" in refused.stderr
     out = tmp_path / "sweep"
     result = cli(
-        "ema", f"run={run}", "sigma_rel=0.05,0.08,0.1", f"out={out}", "score=true", "num_samples=24",
-        "sampling.steps=3", "feature_extractor=random_conv", "kid_subset_size=12", f"cache_dir={tmp_path / 'fid'}",
+        "ema", f"run={run}", "sigma_rel=0.05,0.08,0.1", f"out_dir={out}", "score=true", "num_samples=24",
+        "sampling.num_inference_steps=3", "feature_extractor=random_conv", "kid_subset_size=12", f"cache_dir={tmp_path / 'fid'}",
     )  # fmt: skip
     assert "best EMA length: sigma_rel=" in result.stdout
     with (out / "ema_sweep.csv").open() as handle:
@@ -123,7 +123,7 @@ def test_the_ema_command_exports_each_length_scores_them_and_names_the_best(tmp_
 def test_a_lora_run_gets_its_lengths_as_lora_folders_scored_on_the_base_model(tmp_path):
     run = tmp_path / "run"
     cli("train", "experiment=sdxl_lora_tiny", "callbacks=[text_to_image,posthoc_ema]",
-        "callbacks.posthoc_ema.snapshot_every=2", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "callbacks.posthoc_ema.snapshot_every=2", "trainer.max_steps=6", "val_every_n_steps=3",
         "callbacks.prompt_grid.every_n_steps=0", "callbacks.prompt_grid.num_inference_steps=2",
         "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
@@ -132,7 +132,8 @@ def test_a_lora_run_gets_its_lengths_as_lora_folders_scored_on_the_base_model(tm
 
     assert all("lora" in name for name in load_file(snapshot))  # the adapters only
     out = tmp_path / "sweep"
-    cli("ema", f"run={run}", "sigma_rel=0.05,0.1", f"out={out}", "score=true", "num_samples=8", "sampling.steps=2",
+    cli("ema", f"run={run}", "sigma_rel=0.05,0.1", f"out_dir={out}", "score=true", "num_samples=8",
+        "sampling.num_inference_steps=2",
         "sampling.guidance_scale=2.0", "feature_extractor=random_conv", "kid_subset_size=4",
         f"cache_dir={tmp_path / 'fid'}")  # fmt: skip
     for sigma in ("0.050", "0.100"):

@@ -13,11 +13,11 @@ def _run(compose_config, out_dir, *overrides):
     cfg = compose_config(
         *TINY,
         f"trainer.max_steps={STEPS}",
-        "trainer.val_check_interval=1000",
+        "val_every_n_steps=1000",
         f"callbacks.model_checkpoint.every_n_train_steps={STEPS // 2}",
-        f"callbacks.model_checkpoint.dirpath={out_dir}/checkpoints",
-        f"callbacks.sample_grid.dirpath={out_dir}/samples",
-        f"callbacks.pipeline_export.dirpath={out_dir}/pipeline",
+        f"callbacks.model_checkpoint.out_dir={out_dir}/checkpoints",
+        f"callbacks.sample_grid.out_dir={out_dir}/samples",
+        f"callbacks.pipeline_export.out_dir={out_dir}/pipeline",
         f"logger.csv.save_dir={out_dir}",
         "data.batch_size=72",
         "model.net.dropout=0.1",  # draws from the global RNG: its state must come back too
@@ -31,7 +31,7 @@ def _run(compose_config, out_dir, *overrides):
 
 @pytest.mark.parametrize(
     "objective",
-    [[], ["model/objective=flow_matching", "model/objective/timesteps=logit_normal"]],
+    [[], ["model/objective=flow_matching", "model/noise_scheduler=flow_match", "model/objective/timesteps=logit_normal"]],
     ids=["ddpm", "flow_matching"],
 )
 def test_resume_equals_straight_run(compose_config, tmp_path, objective):
@@ -101,7 +101,7 @@ def test_resume_with_post_hoc_ema_equals_straight_run(compose_config, tmp_path):
     def run(out_dir, *overrides):
         model, _, trainer = _run(
             compose_config, out_dir, "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
-            f"callbacks.posthoc_ema.dirpath={out_dir}/ema_snapshots", *overrides,
+            f"callbacks.posthoc_ema.out_dir={out_dir}/ema_snapshots", *overrides,
         )  # fmt: skip
         return next(c for c in trainer.callbacks if type(c).__name__ == "PostHocEMA")
 

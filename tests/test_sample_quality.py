@@ -66,10 +66,10 @@ def samples(scored_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "sampled"
     cli(
         "sample",
-        f"pretrained={run_dir / 'checkpoints' / 'last.ckpt'}",
-        f"out={out}",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"out_dir={out}",
         "num_images=12",
-        "steps=3",
+        "num_inference_steps=3",
     )
     return out
 
@@ -95,12 +95,12 @@ def test_eval_of_a_sample_folder_prints_one_json_line_and_reuses_the_reference_c
 
 def _evaluate(*overrides: str) -> dict:
     """`diffusion-lab eval` in this process (the command line itself is tested above)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from diffusion_lab.cli import CONFIG_DIR
+    from diffusion_lab.runs.overrides import CONFIG_MODULE
     from diffusion_lab.commands.evaluate import evaluate
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return evaluate(compose("eval", overrides=list(overrides)))
 
 
@@ -175,7 +175,7 @@ def test_eval_samples_a_text_model_and_adds_clip_score(tiny_sd, tmp_path):
         "data.caption_template='a handwritten digit {label}'",
         "feature_extractor=random_conv",
         "num_samples=6",
-        "sampling.steps=2",
+        "sampling.num_inference_steps=2",
         "kid_subset_size=6",
         f"clip_model={clip}",
         f"paths.cache_dir={tmp_path / 'cache'}",

@@ -8,8 +8,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from diffusion_lab.core.schedulers import SCHEDULERS, scheduler_from_name
-from diffusion_lab.export import export_pixel_pipeline
-from diffusion_lab.generation import PixelSampler, SampleSettings, TextToImageSampler, load_sampler
+from diffusion_lab.families import ModelParts, family_named, load_sampler
+from diffusion_lab.families.export import write_pipeline
+from diffusion_lab.generation import PixelSampler, SampleSettings, TextToImageSampler
 from diffusion_lab.generation.run import plan_images, read_prompts
 from tests.test_commands import cli
 
@@ -25,20 +26,25 @@ def _unet(num_class_embeds=None, seed=0):
 
 @pytest.fixture(scope="module")
 def pixel_pipeline(tmp_path_factory):
-    return export_pixel_pipeline(_unet(), DDPMScheduler(), tmp_path_factory.mktemp("pixel") / "pipeline")
+    net, scheduler = _unet(), DDPMScheduler()
+    return write_pipeline(
+        tmp_path_factory.mktemp("pixel") / "pipeline",
+        [net],
+        lambda folder: family_named("pixel").save_pipeline(ModelParts(net, scheduler), folder),
+    )
 
 
 @pytest.fixture(scope="module")
 def text_sampler(tiny_sd):
-    sampler, _ = load_sampler(str(tiny_sd))
+    sampler, _ = load_sampler(pretrained=str(tiny_sd))
     return sampler
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_name_samples_the_same_images_from_the_same_seed(pixel_pipeline, name):
-    sampler, details = load_sampler(str(pixel_pipeline))
+    sampler, details = load_sampler(pretrained=str(pixel_pipeline))
     assert isinstance(sampler, PixelSampler) and details["pipeline_class"] == "DDPMPipeline"
-    settings = SampleSettings(scheduler=name, steps=4)
+    settings = SampleSettings(scheduler=name, num_inference_steps=4)
     images = sampler.generate([0, 1, 2], settings)
     assert images.shape == (3, 3, 8, 8) and torch.isfinite(images).all()
     assert torch.equal(images, sampler.generate([0, 1, 2], settings))
@@ -57,9 +63,9 @@ def test_scheduler_names_build_the_variants_they_name():
 
 
 def test_ddim_eta_adds_noise_and_zero_is_deterministic(pixel_pipeline):
-    sampler, _ = load_sampler(str(pixel_pipeline))
-    plain = sampler.generate([0], SampleSettings(scheduler="ddim", steps=4, eta=0.0))
-    noisy = sampler.generate([0], SampleSettings(scheduler="ddim", steps=4, eta=1.0))
+    sampler, _ = load_sampler(pretrained=str(pixel_pipeline))
+    plain = sampler.generate([0], SampleSettings(scheduler="ddim", num_inference_steps=4, eta=0.0))
+    noisy = sampler.generate([0], SampleSettings(scheduler="ddim", num_inference_steps=4, eta=1.0))
     assert not torch.allclose(plain, noisy)
 
 
@@ -68,7 +74,7 @@ def test_class_conditional_models_cycle_labels_and_labels_change_images():
     plan = plan_images(sampler, 5, seed=10, class_label=None)
     assert plan.class_labels == [0, 1, 2, 0, 1] and plan.seeds == [10, 11, 12, 13, 14]
     assert plan_images(sampler, 3, 0, class_label=[2, 1]).class_labels == [2, 1, 2]
-    settings = SampleSettings(scheduler="ddim", steps=3)
+    settings = SampleSettings(scheduler="ddim", num_inference_steps=3)
     with torch.no_grad():
         sampler.net.class_embedding.weight.normal_(0, 3)  # a random init barely depends on the label
     as_zero = sampler.generate([0], settings, class_labels=[0])
@@ -83,22 +89,22 @@ def test_class_conditional_models_cycle_labels_and_labels_change_images():
 def test_guidance_and_negative_prompt_change_a_text_models_images(text_sampler):
     assert isinstance(text_sampler, TextToImageSampler)
     prompts = ["a handwritten digit 7"]
-    base = SampleSettings(scheduler="ddim", steps=3, guidance_scale=7.5)
+    base = SampleSettings(scheduler="ddim", num_inference_steps=3, guidance_scale=7.5)
     images = text_sampler.generate([0], base, prompts=prompts)
     assert images.shape == (1, 3, 32, 32)
     assert torch.equal(images, text_sampler.generate([0], base, prompts=prompts))
     stronger = text_sampler.generate(
-        [0], SampleSettings(scheduler="ddim", steps=3, guidance_scale=1.0), prompts=prompts
+        [0], SampleSettings(scheduler="ddim", num_inference_steps=3, guidance_scale=1.0), prompts=prompts
     )
     negative = text_sampler.generate(
         [0],
-        SampleSettings(scheduler="ddim", steps=3, guidance_scale=7.5, negative_prompt="blue"),
+        SampleSettings(scheduler="ddim", num_inference_steps=3, guidance_scale=7.5, negative_prompt="blue"),
         prompts=prompts,
     )
     assert (images - stronger).abs().max() > 1e-3
     assert (images - negative).abs().max() > 1e-3
     taller = text_sampler.generate(
-        [0], SampleSettings(scheduler="euler", steps=2, height=48), prompts=prompts
+        [0], SampleSettings(scheduler="euler", num_inference_steps=2, height=48), prompts=prompts
     )
     assert taller.shape == (1, 3, 48, 32)
 
@@ -121,8 +127,8 @@ def sampled_run(trained_run):
     run_dir, _ = trained_run
     out = run_dir / "sampled"
     result = cli(
-        "sample", f"pretrained={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={out}", "num_images=5",
-        "batch_size=2", "steps=4", "scheduler=euler-a", "seed=3",
+        "sample", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}", "num_images=5",
+        "batch_size=2", "num_inference_steps=4", "scheduler=euler-a", "seed=3",
     )  # fmt: skip
     return run_dir, out, result
 
@@ -130,11 +136,11 @@ def sampled_run(trained_run):
 def test_sample_command_writes_each_png_a_grid_and_the_settings(sampled_run):
     run_dir, out, result = sampled_run
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["images"] == 5 and report["grid"] == str(out / "grid.png")
+    assert report["images"] == 5 and report["grid"] == str(out / "grid.png") and report["out_dir"] == str(out)
     assert sorted(p.name for p in out.glob("0*.png")) == [f"{k:05d}.png" for k in range(5)]
     assert Image.open(out / "00000.png").size == (16, 16)
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["settings"]["scheduler"] == "euler-a" and settings["settings"]["steps"] == 4
+    assert settings["settings"]["scheduler"] == "euler-a" and settings["settings"]["num_inference_steps"] == 4
     assert [image["seed"] for image in settings["images"]] == [3, 4, 5, 6, 7]
     assert settings["model"]["used_ema"] is True and settings["model"]["kind"] == "pixel"
     assert settings["scheduler"]["class"] == "EulerAncestralDiscreteScheduler"
@@ -143,32 +149,32 @@ def test_sample_command_writes_each_png_a_grid_and_the_settings(sampled_run):
 def test_settings_json_reproduces_the_images(sampled_run):
     _, out, _ = sampled_run
     again = out.parent / "again"
-    cli("sample", f"settings={out / 'settings.json'}", f"out={again}")
+    cli("sample", f"settings={out / 'settings.json'}", f"out_dir={again}")
     for k in range(5):
         assert (again / f"{k:05d}.png").read_bytes() == (out / f"{k:05d}.png").read_bytes()
 
 
 def test_replayed_settings_yield_to_the_command_line(sampled_run):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from diffusion_lab.cli import CONFIG_DIR
+    from diffusion_lab.runs.overrides import CONFIG_MODULE
     from diffusion_lab.commands.sample import replay_settings
 
     _, out, _ = sampled_run
-    command_line = [f"settings={out / 'settings.json'}", "out=elsewhere", "seed=4"]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    command_line = [f"settings={out / 'settings.json'}", "out_dir=elsewhere", "seed=4"]
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = replay_settings(compose("sample", overrides=command_line), command_line)
-    assert cfg.seed == 4 and cfg.out == "elsewhere"  # given now
-    assert cfg.scheduler == "euler-a" and cfg.steps == 4 and cfg.num_images == 5  # replayed
-    assert cfg.pretrained.endswith("last.ckpt")
+    assert cfg.seed == 4 and cfg.out_dir == "elsewhere"  # given now
+    assert cfg.scheduler == "euler-a" and cfg.num_inference_steps == 4 and cfg.num_images == 5  # replayed
+    assert cfg.ckpt_path.endswith("last.ckpt")
 
 
 def test_checkpoint_and_exported_pipeline_sample_the_same_images(sampled_run):
     run_dir, _, _ = sampled_run
-    from_checkpoint, _ = load_sampler(str(run_dir / "checkpoints" / "last.ckpt"))
-    from_pipeline, _ = load_sampler(str(run_dir / "pipeline"))
+    from_checkpoint, _ = load_sampler(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"))
+    from_pipeline, _ = load_sampler(pretrained=str(run_dir / "pipeline"))
     for name in ("dpm++-sde", "unipc"):
-        settings = SampleSettings(scheduler=name, steps=4)
+        settings = SampleSettings(scheduler=name, num_inference_steps=4)
         assert torch.equal(
             from_checkpoint.generate([0, 1], settings), from_pipeline.generate([0, 1], settings)
         )
@@ -177,7 +183,7 @@ def test_checkpoint_and_exported_pipeline_sample_the_same_images(sampled_run):
 def test_a_wrong_scheduler_name_lists_the_valid_ones(sampled_run, tmp_path):
     run_dir, _, _ = sampled_run
     result = cli(
-        "sample", f"pretrained={run_dir / 'pipeline'}", f"out={tmp_path}", "scheduler=dpm3", check=False
+        "sample", f"pretrained={run_dir / 'pipeline'}", f"out_dir={tmp_path}", "scheduler=dpm3", check=False
     )
     assert result.returncode != 0
     assert "unknown scheduler 'dpm3'; valid names: ddpm, ddim, pndm, dpm++, dpm++-sde" in result.stderr
@@ -186,9 +192,10 @@ def test_a_wrong_scheduler_name_lists_the_valid_ones(sampled_run, tmp_path):
 
 
 def test_a_misspelt_sample_key_is_named_and_the_mandatory_keys_are_not(tmp_path):
-    result = cli("sample", "pretrained=somewhere", f"out={tmp_path}", "stepz=3", check=False)
-    assert "unknown config key 'stepz'" in result.stderr and "Did you mean 'steps'?" in result.stderr
-    assert "unknown config key 'pretrained'" not in result.stderr and "'out'" not in result.stderr
+    result = cli("sample", "pretrained=somewhere", f"out_dir={tmp_path}", "num_inference_stepz=3", check=False)
+    assert "unknown config key 'num_inference_stepz'" in result.stderr
+    assert "Did you mean 'num_inference_steps'?" in result.stderr
+    assert "unknown config key 'pretrained'" not in result.stderr and "'out_dir'" not in result.stderr
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -197,8 +204,8 @@ def test_sample_command_answers_prompts_from_a_pipeline_folder(tiny_sd, tmp_path
     prompt_file.write_text("a handwritten digit 1\na photo of a flower\n")
     out = tmp_path / "text"
     cli(
-        "sample", f"pretrained={tiny_sd}", f"out={out}", "num_images=2", f"prompt_file={prompt_file}",
-        "negative_prompt=blurry", "guidance_scale=4", "steps=2", "height=48",
+        "sample", f"pretrained={tiny_sd}", f"out_dir={out}", "num_images=2", f"prompt_file={prompt_file}",
+        "negative_prompt=blurry", "guidance_scale=4", "num_inference_steps=2", "height=48",
     )  # fmt: skip
     settings = json.loads((out / "settings.json").read_text())
     assert [image["prompt"] for image in settings["images"]] == ["a handwritten digit 1"] * 2 + [

@@ -74,9 +74,10 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
     common = [
         *FAST,
         "model/objective=flow_matching",
+        "model/noise_scheduler=flow_match",
         "model/objective/timesteps=logit_normal",
         "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
+        "val_every_n_steps=2",
         f"paths.cache_dir={tmp_path / 'cache'}",
         "callbacks.model_checkpoint.every_n_train_steps=4",  # last.ckpt: the final step
     ]
@@ -133,7 +134,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_doubled_batch(tmp_
 def test_multirun_of_ddp_runs_and_optuna_with_ddp_keep_one_folder_and_one_trial_per_run(tmp_path):
     sweep = tmp_path / "sweep"
     cli("train", "-m", "hparams_search=digits_optuna", *FAST, "trainer=ddp_cpu", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
+        "val_every_n_steps=2", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
         f"paths.cache_dir={tmp_path / 'cache'}", PROBE, "+callbacks.probe.path=${paths.output_dir}/rank_probe.json",
     )  # fmt: skip
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]

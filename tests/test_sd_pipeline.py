@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion_lab.callbacks import EMA, PromptGrid
 from diffusion_lab.data import DigitsDataModule
-from diffusion_lab.export import export_checkpoint
+from diffusion_lab.families.export import export_checkpoint
 from diffusion_lab.models import LatentDiffusion
 from tests.conftest import bare_trainer
 
@@ -72,7 +72,9 @@ def test_prompt_grid_refuses_a_pixel_model(compose_config):
     from hydra.utils import instantiate
 
     model = instantiate(compose_config("model/net=unet_tiny", "data.image_size=8").model)
-    with pytest.raises(ValueError, match="prompt_grid works with text-to-image models"):
+    with pytest.raises(
+        ValueError, match=r"callbacks.prompt_grid draws prompt grids; the pixel family's grid .*~callbacks.prompt_grid"
+    ):
         PromptGrid("unused", PROMPTS).setup(None, model, "fit")
 
 
@@ -111,7 +113,7 @@ def test_checkpoints_hold_the_unet_not_the_frozen_parts_and_export_from_them(fin
     prefixes = {key.split(".")[0] for key in checkpoint["state_dict"]}
     assert prefixes == {"net"}
     result = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "exported")
-    assert result["used_ema"] and result["global_step"] == 4
+    assert result["used_ema"] and result["global_step"] == 4 and result["family"] == "sd"
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "exported")
     with ema.averaged_weights(model):
         torch.testing.assert_close(_unet_output(pipeline.unet), _unet_output(model.net))
@@ -144,11 +146,11 @@ def test_lora_trains_only_the_adapters_and_loads_into_a_diffusers_pipeline(tiny_
 
 
 def test_a_v_prediction_lora_reloads_with_its_v_prediction_scheduler(tiny_sd, tmp_path):
-    from diffusion_lab.generation import load_sampler
+    from diffusion_lab.families import load_sampler
 
-    model = _model(tiny_sd, lora_rank=2, prediction_type="v_prediction")
+    model = _model(tiny_sd, lora_rank=2, noise_scheduler={"prediction_type": "v_prediction"})
     model.save_pipeline(tmp_path / "lora")
-    sampler, details = load_sampler(str(tiny_sd), lora=str(tmp_path / "lora"))
+    sampler, details = load_sampler(pretrained=str(tiny_sd), lora=str(tmp_path / "lora"))
     assert sampler.training_scheduler_config.prediction_type == "v_prediction"
     assert DiffusionPipeline.from_pretrained(tiny_sd).scheduler.config.prediction_type == "epsilon"
 

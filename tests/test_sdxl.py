@@ -15,7 +15,7 @@ from diffusion_lab.core.random import sample_keys
 from diffusion_lab.data import ImageDataModule, LatentCacheDataModule
 from diffusion_lab.data.transforms import random_flips
 from diffusion_lab.export import export_checkpoint
-from diffusion_lab.generation.loading import load_sampler
+from diffusion_lab.families.loading import load_sampler
 from diffusion_lab.generation.samplers import SampleSettings
 from diffusion_lab.models import LatentDiffusion
 from tests import builders
@@ -268,7 +268,7 @@ def test_a_lora_checkpoint_loads_weights_only_passes_the_resume_check_and_a_full
     from omegaconf import OmegaConf
 
     from diffusion_lab.errors import ConfigError
-    from diffusion_lab.resume import check_same_architecture
+    from diffusion_lab.runs.resume import check_same_architecture
 
     targets = OmegaConf.create(["to_q", "to_k", "to_v", "to_out.0"])  # what Hydra passes
     model = _sdxl(tiny_sdxl, lora_rank=4, lora_target_modules=targets)

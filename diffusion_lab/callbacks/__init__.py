@@ -5,7 +5,6 @@ from diffusion_lab.callbacks.ema import EMA, ema_weights
 from diffusion_lab.callbacks.final_metrics import FinalStepMetrics
 from diffusion_lab.callbacks.nonfinite_guard import Diverged, NonFiniteGuard
 from diffusion_lab.callbacks.pipeline_export import PipelineExport
-from diffusion_lab.callbacks.posthoc_ema import PostHocEMA
 from diffusion_lab.callbacks.prompt_grid import PromptGrid
 from diffusion_lab.callbacks.rng_state import RNGStates
 from diffusion_lab.callbacks.sample_grid import SampleGrid
@@ -17,7 +16,6 @@ __all__ = [
     "NonFiniteGuard",
     "FinalStepMetrics",
     "PipelineExport",
-    "PostHocEMA",
     "PromptGrid",
     "RNGStates",
     "RunCheckpoint",

@@ -8,7 +8,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lab.callbacks.final_metrics import log_train_metrics
-from diffusion_lab.signals import RunInterrupted, requested_stop
+from diffusion_lab.compat.lightning import save_checkpoint_now
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.runs.signals import RunInterrupted, requested_stop
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -23,15 +25,17 @@ class RunCheckpoint(ModelCheckpoint):
     good state.
     """
 
-    _step_at_last_batch = -1  # (no __init__ of its own: ModelCheckpoint's arguments stay the config's keys)
+    _step_at_last_batch = -1
+
+    def __init__(self, out_dir: str | None = None, **model_checkpoint_arguments) -> None:
+        # `out_dir`: the one name for an output folder in every command and callback (Lightning: `dirpath`).
+        if "dirpath" in model_checkpoint_arguments:
+            raise ConfigError("callbacks.model_checkpoint.dirpath is now callbacks.model_checkpoint.out_dir")
+        super().__init__(dirpath=out_dir, **model_checkpoint_arguments)
 
     def save_now(self, trainer: L.Trainer) -> None:
         """The current step as `<filename>.ckpt` and `last.ckpt`, unless this step is saved already."""
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        save_checkpoint_now(self, trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:

@@ -7,14 +7,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.family_check import require_grid
 from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.core.schedulers import check_scheduler_name
-from diffusion_lab.generation import SampleSettings, TextToImageSampler
+from diffusion_lab.generation import SampleSettings
 from diffusion_lab.images import save_grid
 
 
 class PromptGrid(L.Callback):
-    """Every `every_n_steps` optimizer steps and at the end: `<dirpath>/step_<7 digits>.png` and `final.png`.
+    """Every `every_n_steps` optimizer steps and at the end: `<out_dir>/step_<7 digits>.png` and `final.png`.
 
     One row per prompt, one column per seed; the same prompts, seeds, guidance scale and negative prompt every
     time, so successive grids show one model getting better. Uses the EMA weights when EMA is on.
@@ -22,7 +23,7 @@ class PromptGrid(L.Callback):
 
     def __init__(
         self,
-        dirpath: str,
+        out_dir: str,
         prompts: list[str],
         seeds: list[int] = (0, 1, 2, 3),
         guidance_scale: float = 7.5,
@@ -35,7 +36,7 @@ class PromptGrid(L.Callback):
     ) -> None:
         if not prompts:
             raise ValueError("callbacks.prompt_grid.prompts is empty: give at least one prompt")
-        self.dirpath = Path(dirpath)
+        self.out_dir = Path(out_dir)
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.scheduler_name, self.num_inference_steps = check_scheduler_name(scheduler), num_inference_steps
@@ -44,26 +45,22 @@ class PromptGrid(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "text_encoder") or not callable(getattr(pl_module, "pipeline", None)):
-            raise ValueError(
-                f"callbacks.prompt_grid works with text-to-image models; {type(pl_module).__name__} is not one. "
-                "Remove it with ~callbacks.prompt_grid (pixel models use callbacks.sample_grid)"
-            )
+        require_grid(pl_module, "prompt", "prompt_grid")
 
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
         """(prompts x seeds, C, H, W) in [-1, 1]."""
         settings = SampleSettings(
-            scheduler=self.scheduler_name, steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler_name, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             negative_prompt=self.negative_prompt, height=self.height, width=self.width,
         )  # fmt: skip
         prompts = [prompt for prompt in self.prompts for _ in self.seeds]
         seeds = [seed for _ in self.prompts for seed in self.seeds]
-        return TextToImageSampler(pl_module.pipeline()).generate(seeds, settings, prompts=prompts)
+        return pl_module.family.sampler(pl_module.parts()).generate(seeds, settings, prompts=prompts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         with ema_weights(trainer, pl_module):
             images = self.generate(pl_module)
-        path = save_grid(images, self.dirpath / f"{name}.png", columns=len(self.seeds))
+        path = save_grid(images, self.out_dir / f"{name}.png", columns=len(self.seeds))
         log_image_file(trainer, "prompts", path)
         return path
 

@@ -2,7 +2,7 @@
 
 import lightning as L
 
-from diffusion_lab.resume import RUN_CONFIG
+from diffusion_lab.runs.resume import RUN_CONFIG
 
 
 class RunConfig(L.Callback):

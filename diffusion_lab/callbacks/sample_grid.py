@@ -7,15 +7,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.family_check import require_grid
 from diffusion_lab.callbacks.image_logging import log_image_file
-from diffusion_lab.callbacks.pixel_only import require_pixel_model
 from diffusion_lab.core.schedulers import check_scheduler_name
-from diffusion_lab.generation import PixelSampler, SampleSettings
+from diffusion_lab.generation import SampleSettings
 from diffusion_lab.images import save_grid
 
 
 class SampleGrid(L.Callback):
-    """Writes `<dirpath>/step_<global step, 7 digits>.png` at each validation and `<dirpath>/final.png` at the end.
+    """Writes `<out_dir>/step_<global step, 7 digits>.png` at each validation and `<out_dir>/final.png` at the end.
 
     The same seeds every time (image k: seed + k, as `diffusion-lab sample`), so successive grids show the same
     noise being denoised by a better model. A class-conditional net gets labels 0, 1, 2, ... cycling over its
@@ -24,34 +24,34 @@ class SampleGrid(L.Callback):
 
     def __init__(
         self,
-        dirpath: str,
+        out_dir: str,
         num_images: int = 64,
         scheduler: str | None = None,
         num_inference_steps: int = 50,
         seed: int = 0,
     ) -> None:
-        self.dirpath = Path(dirpath)
+        self.out_dir = Path(out_dir)
         self.num_images = num_images
         self.scheduler_name = check_scheduler_name(scheduler)
         self.num_inference_steps = num_inference_steps
         self.seed = seed
 
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
-        sampler = PixelSampler(pl_module.net, pl_module.noise_scheduler)
+        sampler = pl_module.family.sampler(pl_module.parts())
         num_classes = sampler.num_classes
         labels = [k % num_classes for k in range(self.num_images)] if num_classes else None
-        settings = SampleSettings(scheduler=self.scheduler_name, steps=self.num_inference_steps)
+        settings = SampleSettings(scheduler=self.scheduler_name, num_inference_steps=self.num_inference_steps)
         return sampler.generate(
             [self.seed + k for k in range(self.num_images)], settings, class_labels=labels
         )
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
-        path = save_grid(self.generate(pl_module), self.dirpath / f"{name}.png")
+        path = save_grid(self.generate(pl_module), self.out_dir / f"{name}.png")
         log_image_file(trainer, "samples", path)
         return path
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_pixel_model(pl_module, "sample_grid")
+        require_grid(pl_module, "image", "sample_grid")
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,14 +10,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.core.schedulers import check_scheduler_name
-from diffusion_lab.generation import SampleSettings, sampler_for_module
-from diffusion_lab.loggers import keep_csv_rows
+from diffusion_lab.generation import SampleSettings
 from diffusion_lab.metrics.evaluation import evaluation_plan, score_sampler
 from diffusion_lab.metrics.extractors import describe_extractor
 from diffusion_lab.metrics.features import ImageFeatures, cached_features, extract_features
 from diffusion_lab.metrics.protocol import check_protocol
 from diffusion_lab.metrics.reference import dataset_batches, dataset_key
 from diffusion_lab.metrics.scores import ClipScorer
+from diffusion_lab.runs.loggers import keep_csv_rows
 
 log = logging.getLogger(__name__)
 LOGGED = ("fid", "kid_mean", "kid_std", "inception_score", "inception_score_std", "clip_score")
@@ -72,7 +72,7 @@ class SampleQuality(L.Callback):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.settings = SampleSettings(
             scheduler=check_scheduler_name(scheduler),
-            steps=num_inference_steps,
+            num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
         )
         self.protocol = check_protocol(fid_protocol)
@@ -112,7 +112,7 @@ class SampleQuality(L.Callback):
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), ema_weights(trainer, pl_module):
             reference = self.reference(trainer, device)
-            sampler = sampler_for_module(pl_module)
+            sampler = pl_module.family.sampler(pl_module.parts())
             prompts = reference.captions if sampler.kind == "text" else None
             if sampler.kind == "text" and self.clip_model and self._clip_scorer is None:
                 self._clip_scorer = ClipScorer(self.clip_model)

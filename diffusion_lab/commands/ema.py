@@ -7,8 +7,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion_lab.core.power_ema import sigma_rel_to_gamma
-from diffusion_lab.ema_sweep import (
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.plots import line_plot
+from diffusion_lab.posthoc_ema.power import sigma_rel_to_gamma
+from diffusion_lab.posthoc_ema.sweep import (
     Network,
     RunFiles,
     best_row,
@@ -18,8 +20,6 @@ from diffusion_lab.ema_sweep import (
     valid_range,
     write_tables,
 )
-from diffusion_lab.errors import ConfigError
-from diffusion_lab.plots import line_plot
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def ema(cfg: DictConfig) -> dict:
     from diffusion_lab.commands.evaluate import evaluate
 
     run = RunFiles.of(cfg.run)
-    out = Path(cfg.out) if cfg.out else run.folder / "ema_sweep"
+    out = Path(cfg.out_dir) if cfg.out_dir else run.folder / "ema_sweep"
     sigmas = _sigma_rels(cfg.sigma_rel)
     check_lengths(run.snapshots, sigmas, cfg.max_error)  # before anything is exported
     low, high = valid_range(run.snapshots, cfg.max_error)
@@ -68,12 +68,21 @@ def ema(cfg: DictConfig) -> dict:
         scoring = _scoring_config(cfg, run)
         for row in rows:
             source = network.evaluation_source(row["pipeline"])
-            scores = evaluate(OmegaConf.merge(scoring, {**source, "images": None}))
+            scores = evaluate(OmegaConf.merge(scoring, {**source, "ckpt_path": None, "images": None}))
             row.update(fid=scores["fid"], kid=scores["kid_mean"], kid_std=scores["kid_std"])
         if fixed_ema is not None:  # the run's own fixed-decay EMA, for comparison
             decay, every = float(fixed_ema["decay"]), int(fixed_ema.get("update_every", 1))
             scores = evaluate(
-                OmegaConf.merge(scoring, {"pretrained": str(run.checkpoint), "images": None, "use_ema": True})
+                OmegaConf.merge(
+                    scoring,
+                    {
+                        "ckpt_path": str(run.checkpoint),
+                        "pretrained": None,
+                        "lora": None,
+                        "images": None,
+                        "use_ema": True,
+                    },
+                )
             )
             pipeline = run.folder / "pipeline"
             rows.append({"kind": f"fixed decay {decay}", "sigma_rel": exponential_sigma_rel(decay, run.last_step, every),

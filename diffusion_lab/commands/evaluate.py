@@ -7,7 +7,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.commands.devices import resolve_device, resolve_dtype
-from diffusion_lab.generation import SampleSettings, load_sampler
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.families import load_sampler
+from diffusion_lab.generation import SampleSettings
 from diffusion_lab.generation.run import read_prompts
 from diffusion_lab.metrics.evaluation import evaluation_plan, score_images, score_sampler
 from diffusion_lab.metrics.extractors import describe_extractor
@@ -52,9 +54,10 @@ def evaluate(cfg: DictConfig) -> dict:
     options = dict(kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
                    inception_score=cfg.inception_score, seed=cfg.seed)  # fmt: skip
     clip_scorer = ClipScorer(cfg.clip_model) if cfg.clip_model else None
-    if bool(cfg.images) == bool(cfg.pretrained):
-        raise ValueError(
-            "give exactly one of images=DIR (generated images) and pretrained=PATH_OR_ID (sample here)"
+    if sum(bool(source) for source in (cfg.images, cfg.ckpt_path, cfg.pretrained)) != 1:
+        raise ConfigError(
+            "give exactly one of images=DIR (generated images), ckpt_path=FILE or pretrained=DIR_OR_HUB_ID "
+            "(sampled here)"
         )
     reference = reference_features(cfg, extractor, protocol, device)
     if cfg.images:
@@ -68,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 clip_scorer.update(images, prompts[start : start + len(images)])
             scores["clip_score"] = clip_scorer.compute()
     else:
-        sampler, _ = load_sampler(cfg.pretrained, use_ema=cfg.use_ema, revision=cfg.revision, lora=cfg.lora)
+        sampler, _ = load_sampler(cfg.ckpt_path, cfg.pretrained, cfg.use_ema, cfg.revision, cfg.lora)
         sampler.to(device, resolve_dtype(cfg.dtype, sampler.kind, device))
         prompt = list(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else cfg.prompt
         prompts = read_prompts(prompt, cfg.prompt_file) or reference.captions

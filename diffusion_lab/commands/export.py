@@ -1,12 +1,12 @@
-"""`diffusion-lab export ckpt=PATH out=DIR`: a Lightning checkpoint as a diffusers pipeline folder."""
+"""`diffusion-lab export ckpt_path=FILE out_dir=DIR`: a Lightning checkpoint as a diffusers pipeline folder."""
 
 import json
 
 from omegaconf import DictConfig
 
-from diffusion_lab.export import export_checkpoint
+from diffusion_lab.families.export import export_checkpoint
 
 
 def export(cfg: DictConfig) -> None:
-    result = export_checkpoint(cfg.ckpt, cfg.out, use_ema=cfg.use_ema)
+    result = export_checkpoint(cfg.ckpt_path, cfg.out_dir, use_ema=cfg.use_ema)
     print(json.dumps(result))

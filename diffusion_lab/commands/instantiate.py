@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.performance import apply_speed_settings, effective_batch_size, scaled_learning_rate
+from diffusion_lab.runs.performance import apply_speed_settings, effective_batch_size, scaled_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,14 @@ def build_run(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule
     if cfg.get("guard"):
         callbacks.append(instantiate(cfg.guard))
     callbacks.append(RunConfig(OmegaConf.to_container(cfg, resolve=True)))
+    # Lightning counts `val_check_interval` in batches: the config's cadence is in optimizer steps.
+    validation = {}
+    if cfg.get("val_every_n_steps"):
+        validation["val_check_interval"] = cfg.val_every_n_steps * cfg.trainer.get(
+            "accumulate_grad_batches", 1
+        )
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate_each(cfg.get("logger")) or False
+        cfg.trainer, callbacks=callbacks, logger=instantiate_each(cfg.get("logger")) or False, **validation
     )
     per_device = per_device_batch_size(datamodule)
     effective = effective_batch_size(per_device, trainer.accumulate_grad_batches, trainer.world_size)

@@ -1,4 +1,4 @@
-"""`diffusion-lab tiny-sd out=DIR [variant=sdxl]`: write a tiny random Stable Diffusion (or SDXL) folder."""
+"""`diffusion-lab tiny-sd out_dir=DIR [variant=sdxl]`: write a tiny random Stable Diffusion (or SDXL) folder."""
 
 import json
 
@@ -12,5 +12,5 @@ def tiny_sd(cfg: DictConfig) -> None:
     variant = cfg.get("variant", "sd")
     if variant not in BUILDERS:
         raise ConfigError(f"variant={variant!r}; valid: {', '.join(BUILDERS)}")
-    path = BUILDERS[variant](cfg.out, sample_size=cfg.sample_size, seed=cfg.seed)
+    path = BUILDERS[variant](cfg.out_dir, sample_size=cfg.sample_size, seed=cfg.seed)
     print(json.dumps({"tiny_sd": str(path), "variant": variant}))

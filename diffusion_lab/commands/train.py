@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.atomic import write_text
 from diffusion_lab.callbacks import (
     Diverged,
     PipelineExport,
@@ -25,14 +24,15 @@ from diffusion_lab.callbacks import (
 )
 from diffusion_lab.callbacks.sample_quality import describe_scores
 from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
-from diffusion_lab.config_checks import check_run_config
-from diffusion_lab.finite import NonFiniteWeights
-from diffusion_lab.loggers import resume_logs
-from diffusion_lab.performance import effective_batch_size
-from diffusion_lab.resolvers import is_multirun
-from diffusion_lab.resume import check_same_architecture, resolve_checkpoint
-from diffusion_lab.signals import RunInterrupted, stop_on_signals
-from diffusion_lab.sweep_summary import RUN_SUMMARY
+from diffusion_lab.runs.atomic import write_text
+from diffusion_lab.runs.config_checks import check_run_config
+from diffusion_lab.runs.finite import NonFiniteWeights
+from diffusion_lab.runs.loggers import resume_logs
+from diffusion_lab.runs.performance import effective_batch_size
+from diffusion_lab.runs.resolvers import is_multirun
+from diffusion_lab.runs.resume import check_same_architecture, resolve_checkpoint
+from diffusion_lab.runs.signals import RunInterrupted, stop_on_signals
+from diffusion_lab.runs.sweep_summary import RUN_SUMMARY
 
 log = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
@@ -176,9 +176,9 @@ def summary(trainer: L.Trainer, output_dir: Path) -> str:
             if callback.last_path is not None:
                 rows.append((f"last checkpoint (step {trainer.global_step})", callback.last_path))
         elif isinstance(callback, SampleGrid | PromptGrid):
-            rows.append(("final sample grid", callback.dirpath / "final.png"))
+            rows.append(("final sample grid", callback.out_dir / "final.png"))
         elif isinstance(callback, PipelineExport):
-            rows.append(("diffusers pipeline", callback.dirpath))
+            rows.append(("diffusers pipeline", callback.out_dir))
         elif isinstance(callback, SampleQuality) and callback.csv_path:
             rows.append(("sample quality", callback.csv_path))
     cache = getattr(trainer.datamodule, "cache_folder", None)

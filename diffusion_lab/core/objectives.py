@@ -18,6 +18,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
+from diffusion_lab.compat.diffusers import explicit_config
 from diffusion_lab.core.noise_process import (
     per_image,
     predicted_x0,
@@ -26,7 +27,7 @@ from diffusion_lab.core.noise_process import (
     training_target,
 )
 from diffusion_lab.core.random import keyed_normal
-from diffusion_lab.core.schedulers import explicit_config, has_zero_terminal_snr, with_zero_terminal_snr
+from diffusion_lab.core.schedulers import has_zero_terminal_snr, with_zero_terminal_snr
 from diffusion_lab.core.timesteps import TimestepSampler, Uniform, shift_noise_level
 from diffusion_lab.core.weighting import NoiseLevels, NoWeighting, Weighting
 from diffusion_lab.errors import ConfigError
@@ -112,8 +113,8 @@ class Objective(abc.ABC):
 
 
 class DDPM(Objective):
-    """The DDPM noise process of any diffusers DDPM-family scheduler; its `prediction_type` picks the target.
-    `zero_terminal_snr` rescales the betas so the last step is pure noise (arXiv:2305.08891)."""
+    """The DDPM noise process of any diffusers DDPM-family scheduler; its `prediction_type` picks the target and
+    its `rescale_betas_zero_snr` makes the last step pure noise (arXiv:2305.08891), with trailing spacing."""
 
     family = "ddpm"
 
@@ -123,14 +124,13 @@ class DDPM(Objective):
         timesteps: TimestepSampler | None = None,
         weighting: Weighting | None = None,
         noise_offset: float = 0.0,
-        zero_terminal_snr: bool = False,
     ) -> None:
         if not hasattr(noise_scheduler, "alphas_cumprod"):
             raise ConfigError(
                 f"model/objective=ddpm needs a DDPM-family noise scheduler (betas, alphas_cumprod); got "
                 f"{type(noise_scheduler).__name__}: use model/objective=flow_matching for it"
             )
-        if zero_terminal_snr or has_zero_terminal_snr(noise_scheduler.config):
+        if has_zero_terminal_snr(noise_scheduler.config):
             noise_scheduler = with_zero_terminal_snr(noise_scheduler)
         super().__init__(noise_scheduler, timesteps, weighting, noise_offset)
 

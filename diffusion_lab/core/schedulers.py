@@ -3,6 +3,7 @@
 import diffusers
 import torch
 
+from diffusion_lab.compat.diffusers import explicit_config
 from diffusion_lab.errors import ConfigError
 
 # name -> (diffusers class, config overrides that make the variant)
@@ -53,19 +54,6 @@ def flow_settings(config) -> dict | None:
     if "shift" in config and "beta_schedule" not in config:
         return {"num_train_timesteps": config["num_train_timesteps"], "shift": config["shift"]}
     return None
-
-
-def schedulers_for(training_config) -> list[str]:
-    """The sampler names that fit a model trained with this scheduler config."""
-    return list(FLOW_SCHEDULERS if flow_settings(training_config) else SCHEDULERS)
-
-
-def explicit_config(config) -> dict:
-    """A scheduler config in which every value counts as set. A live scheduler remembers which of its values
-    were defaults (`_use_default_values`) and `from_config` replaces those with the new class's defaults: a
-    reloaded pipeline's config has no such list, and SD 1.5's lists `prediction_type`, so a v-prediction
-    override would silently turn back into epsilon."""
-    return {key: value for key, value in dict(config).items() if key != "_use_default_values"}
 
 
 def scheduler_from_name(name: str | None, training_config: dict, **overrides):
@@ -166,8 +154,7 @@ def with_zero_terminal_snr(noise_scheduler):
     if rescaled.config.prediction_type == "epsilon":
         raise ConfigError(
             "zero terminal SNR needs a prediction that is defined at pure noise: set "
-            "model.noise_scheduler.prediction_type=v_prediction (pixel models) or model.prediction_type=v_prediction "
-            "(latent models); with epsilon the last timestep's target says nothing about the image "
+            "model.noise_scheduler.prediction_type=v_prediction; with epsilon the last timestep's target says nothing about the image "
             "(arXiv:2305.08891, section 3.2)"
         )
     return rescaled

@@ -69,7 +69,7 @@ class CropPlan:
 
     def geometry(self) -> torch.Tensor:
         """What a batch carries as `crop_geometry`: the six time ids, then the resized (height, width) that a
-        flip on the device needs to move the crop's left edge (`transforms.flip_crop_geometry`)."""
+        flip on the device needs to move the crop's left edge (`core.crop_geometry.flip_crop_geometry`)."""
         return torch.tensor([*self.time_ids(), self.resized[1], self.resized[0]], dtype=torch.long)
 
 

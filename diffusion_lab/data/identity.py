@@ -1,7 +1,5 @@
 """What a DataModule's images are, as opposed to how they are loaded: the key of caches built from them."""
 
-import lightning as L
-
 # Loader settings: they change the speed of reading, not what is read.
 NOT_CONTENT = {
     "batch_size",
@@ -13,7 +11,7 @@ NOT_CONTENT = {
 }
 
 
-def data_identity(datamodule: L.LightningDataModule) -> dict:
+def data_identity(datamodule) -> dict:
     """Class and content hyperparameters (path, resolution, crop, captions, split sizes, seed)."""
     content = {key: value for key, value in dict(datamodule.hparams).items() if key not in NOT_CONTENT}
     return {"class": type(datamodule).__qualname__, **content}

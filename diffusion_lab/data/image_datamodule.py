@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import lightning as L
 
+from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
@@ -24,7 +25,6 @@ from diffusion_lab.data.sources import load_split
 from diffusion_lab.data.stream import ImageStream
 from diffusion_lab.data.transforms import (
     crop,
-    flip_crop_geometry,
     flip_rows,
     random_flips,
     resize_to_cover,

@@ -18,9 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from diffusion_lab.atomic import write_folder
-from diffusion_lab.data.transforms import batch_crop_geometry
-from diffusion_lab.models.prompts import PromptEncoder
+from diffusion_lab.core.crop_geometry import batch_crop_geometry
+from diffusion_lab.runs.atomic import write_folder
 
 CACHE_FORMAT = 2  # 2: rows of any latent shape (buckets), crop geometry, pooled embeddings
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -34,12 +33,12 @@ def storage_dtype(name: str) -> np.dtype:
 
 @torch.no_grad()
 def encode_captions(
-    captions: list[str], prompts: PromptEncoder, device, batch_size: int
+    captions: list[str], encoder, device, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(context rows, pooled rows or None) for `captions`, through the model's own prompt encoding."""
+    """(context rows, pooled rows or None) for `captions`, through the family's own prompt encoding."""
     hidden, pooled = [], []
     for start in range(0, len(captions), batch_size):
-        embeddings = prompts(captions[start : start + batch_size], device)
+        embeddings = encoder.encode_prompts(captions[start : start + batch_size], device)
         hidden.append(embeddings.hidden.float().cpu().numpy())
         if embeddings.pooled is not None:
             pooled.append(embeddings.pooled.float().cpu().numpy())
@@ -51,8 +50,7 @@ def write_latent_cache(
     out_dir: Path,
     batches: Iterable[dict],
     prepare_batch: Callable[[dict], dict],
-    vae: torch.nn.Module,
-    prompts: PromptEncoder,
+    encoder,
     *,
     flips: bool,
     key: dict,
@@ -61,11 +59,11 @@ def write_latent_cache(
     dtype: str = "float32",
     description: str = "Caching latents",
 ) -> Path:
-    """One pass of the VAE over `batches` (of one shape each, with `pixels`, `caption`, `index`,
-    `crop_geometry`), then of the text encoder(s) over the distinct captions; written to a temporary folder
-    renamed to `out_dir` at the end."""
+    """One pass of the family's `encoder` (`families.LatentEncoder`: `encode_posterior`, `encode_prompts`) over
+    `batches` (of one shape each, with `pixels`, `caption`, `index`, `crop_geometry`), the VAE over the images
+    and the text encoder(s) over the distinct captions; written to a temporary folder renamed to `out_dir` at
+    the end."""
     stored = storage_dtype(dtype)
-    vae = vae.to(device)
 
     def write(folder: Path) -> None:
         captions: dict[str, int] = {"": 0}
@@ -77,14 +75,14 @@ def write_latent_cache(
                     raise ValueError(
                         "the latent cache needs captions: configure the data's caption column or template"
                     )
-                pixels = batch["pixels"].to(vae.dtype)
+                pixels = batch["pixels"]
                 views = [pixels, pixels.flip(-1)] if flips else [pixels]
-                posteriors = [vae.encode(view).latent_dist for view in views]
-                mean = torch.stack([p.mean for p in posteriors], dim=1).float().cpu().numpy()
-                std = torch.stack([p.std for p in posteriors], dim=1).float().cpu().numpy()
+                posteriors = [encoder.encode_posterior(view) for view in views]
+                mean = torch.stack([p[0] for p in posteriors], dim=1).cpu().numpy()
+                std = torch.stack([p[1] for p in posteriors], dim=1).cpu().numpy()
                 if not (np.isfinite(mean).all() and np.isfinite(std).all()):
                     raise ValueError(
-                        f"{description}: the VAE ({vae.dtype}) gave non-finite latents, which would train on NaN. "
+                        f"{description}: the VAE ({encoder.vae.dtype}) gave non-finite latents, which would train on NaN. "
                         "SD and SDXL VAEs overflow in float16: set model.vae_dtype=float32, or use an fp16-safe VAE "
                         "(model.vae=madebyollin/sdxl-vae-fp16-fix)"
                     )
@@ -98,7 +96,7 @@ def write_latent_cache(
             raise ValueError(f"{description}: the data yielded no examples")
         sizes = [int(np.prod(shape)) for shape in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        hidden, pooled = encode_captions(list(captions), prompts, device, batch_size)
+        hidden, pooled = encode_captions(list(captions), encoder, device, batch_size)
         (folder / "text_embeddings.bin").write_bytes(hidden.astype(stored).tobytes())
         if pooled is not None:
             (folder / "pooled_embeddings.bin").write_bytes(pooled.astype(stored).tobytes())

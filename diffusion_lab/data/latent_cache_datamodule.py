@@ -10,15 +10,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.bucket_batching import batches_by_shape
 from diffusion_lab.data.identity import data_identity
 from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_latent_cache
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
 from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader, stream_loader
 from diffusion_lab.data.stream import ImageStream
-from diffusion_lab.data.transforms import flip_crop_geometry, random_flips
-from diffusion_lab.dtypes import dtype_from_name
-from diffusion_lab.models.stable_diffusion import frozen_parts_fingerprint, load_text_and_vae
+from diffusion_lab.data.transforms import random_flips
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +27,12 @@ SPLITS = ("train", "val")
 class LatentCacheDataModule(L.LightningDataModule):
     """Wraps an image DataModule (`images`, any `data=` option with captions).
 
-    `prepare_data` (once per node, before any rank trains) runs the frozen VAE and text encoder(s) of
-    `pretrained` (and the replacement `vae`, if any) over each split once and writes the result under
-    `cache_dir/<key>/<split>/`. The key is a hash of everything that changes the cache's contents: the exact
-    frozen weights (hub commit or local files), the images' files (path, size, modification time of each),
-    the data settings (source, resolution, bucket set, crop, flip, captions, held-out split), the encoders'
-    dtypes and the storage dtype. A changed setting or image gets a new folder; nothing stale is ever read
+    `prepare_data` (once per node, before any rank trains) runs the model family's `encoder` (a
+    `families.LatentEncoder`, built by the config: the frozen VAE and text encoder(s), loaded only when a split
+    is missing) over each split once and writes the result under `cache_dir/<key>/<split>/`. The key is a hash
+    of everything that changes the cache's contents: the encoder's key (the exact frozen weights, hub commit or
+    local files, and their dtypes), the images' files (path, size, modification time of each), the data
+    settings (source, resolution, bucket set, crop, flip, captions, held-out split) and the storage dtype. A changed setting or image gets a new folder; nothing stale is ever read
     (stale embeddings after a precision change gave NaN losses in kohya-ss/sd-scripts PR 1413; latents not
     rebuilt after a bucket change in kohya-ss/sd-scripts issue 1771).
 
@@ -46,12 +45,8 @@ class LatentCacheDataModule(L.LightningDataModule):
     def __init__(
         self,
         images: L.LightningDataModule,
-        pretrained: str,
+        encoder,
         cache_dir: str,
-        revision: str | None = None,
-        vae: str | None = None,
-        vae_dtype: str | None = "float32",
-        text_encoder_dtype: str = "float32",
         storage_dtype: str = "float32",
         encode_batch_size: int = 32,
         batch_size: int | None = None,
@@ -59,25 +54,20 @@ class LatentCacheDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["images"])
+        self.save_hyperparameters(ignore=["images", "encoder"])
         check_storage_dtype(storage_dtype)
-        self.images = images
+        self.images, self.encoder = images, encoder
         self.batch_size = batch_size or images.hparams.batch_size
         self.train_set: CachedLatents | None = None
         self.val_set: CachedLatents | None = None
-        self._fingerprint: str | None = None
         self._contents: dict[str, str | None] = {}
 
     # ---- where ----------------------------------------------------------------------------------------
     def cache_key(self, split: str) -> dict:
         h = self.hparams
-        if self._fingerprint is None:
-            self._fingerprint = frozen_parts_fingerprint(h.pretrained, h.revision, h.vae)
         return {
             "format": CACHE_FORMAT,
-            "frozen_parts": self._fingerprint,
-            "vae_dtype": str(h.vae_dtype),
-            "text_encoder_dtype": str(h.text_encoder_dtype),
+            **self.encoder.key(),
             "storage_dtype": h.storage_dtype,
             "data": data_identity(self.images),
             "content": self._content(split),
@@ -108,22 +98,18 @@ class LatentCacheDataModule(L.LightningDataModule):
         h = self.hparams
         self.images.prepare_data()
         self.images.setup("fit")
-        parts = load_text_and_vae(h.pretrained, h.revision, h.vae)
-        if h.vae_dtype is not None:
-            parts["vae"].to(dtype_from_name(h.vae_dtype))
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        for encoder in parts["prompts"].text_encoders:
-            encoder.to(device=device, dtype=dtype_from_name(h.text_encoder_dtype))
+        self.encoder.to(device)
         for split in missing:
             examples, flips = self.images.examples_for_cache(split)
             folder = write_latent_cache(
                 self.cache_folder(split), batches_by_shape(examples, h.encode_batch_size),
-                lambda batch: self.images.on_after_batch_transfer(batch, 0), parts["vae"], parts["prompts"],
+                lambda batch: self.images.on_after_batch_transfer(batch, 0), self.encoder,
                 flips=flips and split == "train", key=self.cache_key(split), device=device,
                 batch_size=h.encode_batch_size, dtype=h.storage_dtype, description=f"Caching latents ({split})",
             )  # fmt: skip
             log.info("latent cache (%s): wrote %s", split, folder)
-        del parts
+        self.encoder.release()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -41,7 +41,7 @@ def resumable_loader(
 
 def ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C reaches the whole process group and schedulers signal every process: a worker that died of it
-    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.signals`)."""
+    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.runs.signals`)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning installs when no worker_init_fn is given

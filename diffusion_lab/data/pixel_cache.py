@@ -20,8 +20,9 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion_lab.atomic import write_folder
+from diffusion_lab.compat.datasets import dataset_fingerprint
 from diffusion_lab.data.decoding import BadSample
+from diffusion_lab.runs.atomic import write_folder
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _PIXELS, _INDEX, _META = "pixels.u8", "index.npy", "meta.json"
 def content_listing(dataset: datasets.Dataset, image_column: str) -> str:
     """A digest of what the rows are: the dataset's fingerprint and, for rows that point at files, each file's
     path, size and modification time (a file rewritten in place changes the key)."""
-    digest = hashlib.sha256(str(dataset._fingerprint).encode())
+    digest = hashlib.sha256(dataset_fingerprint(dataset).encode())
     for row in dataset.select_columns([image_column]):  # row by row: a column access loads it whole
         value = row[image_column]
         path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else value

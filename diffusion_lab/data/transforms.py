@@ -47,22 +47,3 @@ def flip_rows(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W) mirrored left-right where `flips` is True."""
     mask = flips.to(images.device).view(-1, *([1] * (images.ndim - 1)))
     return torch.where(mask, images.flip(-1), images)
-
-
-def flip_crop_geometry(geometry: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """`crop_geometry` rows (see `CropPlan.geometry`) of mirrored images: the crop's left edge measured in the
-    mirrored image, as if it had been flipped before the crop (what SDXL's training script does)."""
-    left = geometry[:, 7] - geometry[:, 3] - geometry[:, 5]
-    mirrored = geometry.clone()
-    mirrored[:, 3] = left
-    return torch.where(flips.to(geometry.device).view(-1, 1), mirrored, geometry)
-
-
-def batch_crop_geometry(batch: dict) -> torch.Tensor:
-    """The batch's `crop_geometry`; for data that makes no crop (the embedded digits), the whole image:
-    original = target = the pixels' size, offset 0."""
-    if "crop_geometry" in batch:
-        return torch.as_tensor(batch["crop_geometry"])
-    *_, height, width = batch["pixels"].shape
-    whole = torch.tensor([height, width, 0, 0, height, width, height, width], dtype=torch.long)
-    return whole.repeat(len(batch["pixels"]), 1)

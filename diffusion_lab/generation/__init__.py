@@ -1,13 +1,6 @@
-"""Sampling trained models: samplers over pixel and text-to-image models, loading them, sample runs."""
+"""Sampling: samplers over pixel and text-to-image models, and sample runs. Loading a model to sample from is the
+model family's job (`families.load_sampler`)."""
 
-from diffusion_lab.generation.loading import load_sampler, sampler_for_module
 from diffusion_lab.generation.samplers import PixelSampler, Sampler, SampleSettings, TextToImageSampler
 
-__all__ = [
-    "PixelSampler",
-    "SampleSettings",
-    "Sampler",
-    "TextToImageSampler",
-    "load_sampler",
-    "sampler_for_module",
-]
+__all__ = ["PixelSampler", "SampleSettings", "Sampler", "TextToImageSampler"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_lab.atomic import write_text
 from diffusion_lab.generation.samplers import Sampler, SampleSettings
 from diffusion_lab.images import save_grid, save_image
+from diffusion_lab.runs.atomic import write_text
 
 GRID_IMAGES = 256  # a grid is for looking at; more would only cost memory
 
@@ -142,4 +142,4 @@ def write_sample_run(
     }  # fmt: skip
     settings_path = out_dir / "settings.json"
     write_text(settings_path, json.dumps(description, indent=2, default=str))
-    return {"images": len(files), "out": str(out_dir), "grid": str(grid), "settings": str(settings_path)}
+    return {"images": len(files), "out_dir": str(out_dir), "grid": str(grid), "settings": str(settings_path)}

@@ -19,7 +19,7 @@ class SampleSettings:
     """How to sample, independent of what: the knobs both the `sample` command and callbacks expose."""
 
     scheduler: str | None = None  # None: the model's default (DDIM; flow-match Euler for a flow model)
-    steps: int = 50
+    num_inference_steps: int = 50
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 as stochastic as DDPM
     guidance_scale: float = 7.5  # text models: classifier-free guidance
     # Text models: CFG rescale (arXiv:2305.08891, section 3.4); None: 0.7 for a zero-terminal-SNR model, else 0.
@@ -104,7 +104,7 @@ class PixelSampler:
                 self.scheduler(settings),
                 len(seeds),
                 (config.in_channels, config.sample_size, config.sample_size),
-                num_inference_steps=settings.steps,
+                num_inference_steps=settings.num_inference_steps,
                 generator=seed_generators(seeds),
                 eta=settings.eta,
                 class_labels=None if class_labels is None else torch.tensor(class_labels),
@@ -192,7 +192,7 @@ class TextToImageSampler:
                 else None,
                 guidance_scale=settings.guidance_scale,
                 **self.guidance_options(settings),
-                num_inference_steps=settings.steps,
+                num_inference_steps=settings.num_inference_steps,
                 eta=settings.eta,
                 height=height,
                 width=width,

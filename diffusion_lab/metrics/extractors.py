@@ -10,6 +10,8 @@ import hashlib
 import torch
 from torch import nn
 
+from diffusion_lab.compat.torch_fidelity import fidelity_forward, network_dtype, resize_like_tensorflow1
+
 # torch-fidelity's InceptionV3 after its input resize, with where each feature width is read off.
 _INCEPTION_STAGES = (
     (("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1"), "64"),
@@ -57,7 +59,7 @@ class InceptionV3(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dtype == torch.uint8:  # legacy: torch-fidelity's forward as it is
-            features, logits = self.net._torch_fidelity_forward(images)
+            features, logits = fidelity_forward(self.net, images)
         else:
             features, logits = self._float_forward(images)
         return {"features": features.reshape(len(images), -1), "logits": logits}
@@ -65,12 +67,11 @@ class InceptionV3(nn.Module):
     def _float_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """torch-fidelity's forward (torchmetrics' copy) for float 0..255 images, which it refuses."""
         from torch.nn.functional import adaptive_avg_pool2d
-        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
         net, size = self.net, self.input_size
-        x = images.to(getattr(net, "_dtype", torch.float))
+        x = images.to(network_dtype(net))
         if x.shape[-2:] != (size, size):
-            x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
+            x = resize_like_tensorflow1(x, size)
         x = (x - 128) / 128
         features = None
         for layers, width in _INCEPTION_STAGES:

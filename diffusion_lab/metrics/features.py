@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_lab.atomic import write_file
 from diffusion_lab.metrics.protocol import as_rgb_uint8, prepare_for_extractor
+from diffusion_lab.runs.atomic import write_file
 
 log = logging.getLogger(__name__)
 # Bumped when stored features change meaning: 2 = `clean` resizes in float like clean-fid (1 rounded to uint8).

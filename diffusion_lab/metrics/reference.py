@@ -5,7 +5,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -18,13 +17,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-def image_datamodule(datamodule: L.LightningDataModule) -> L.LightningDataModule:
+def image_datamodule(datamodule):
     """The DataModule that holds the images (a latent cache wraps one)."""
     return getattr(datamodule, "images", datamodule)
 
 
 def dataset_batches(
-    datamodule: L.LightningDataModule, split: str, batch_size: int = 64
+    datamodule, split: str, batch_size: int = 64
 ) -> Iterator[tuple[torch.Tensor, list[str] | None]]:
     """(uint8 (N, 3, H, W), captions or None) for every usable image of `split`, at the training resolution."""
     datamodule = image_datamodule(datamodule)
@@ -38,7 +37,7 @@ def dataset_batches(
         yield as_rgb_uint8(batch["pixels"]), batch.get("caption")
 
 
-def dataset_key(datamodule: L.LightningDataModule, split: str) -> dict:
+def dataset_key(datamodule, split: str) -> dict:
     return {"data": data_identity(image_datamodule(datamodule)), "split": split}
 
 

@@ -2,12 +2,14 @@
 
 import abc
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
 
 from diffusion_lab.core.objectives import DDPM, Objective
 from diffusion_lab.core.random import sample_keys
+from diffusion_lab.families import Family, ModelParts
 from diffusion_lab.models.optimization import configure_optimizer
 
 ObjectiveFactory = Callable[..., Objective]  # noise scheduler -> objective (a `_partial_` config)
@@ -23,6 +25,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     """
 
     net: torch.nn.Module
+    family: Family  # what callbacks, exports and samplers ask about this model (`families`)
 
     def __init__(
         self,
@@ -53,6 +56,15 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
         """Keyword arguments of the network besides (x_t, t); `keys` is None for held-out loss."""
         return {}
+
+    @abc.abstractmethod
+    def parts(self) -> ModelParts:
+        """This module's networks and scheduler as diffusers parts (no copies), for the family to sample and
+        export with."""
+
+    @abc.abstractmethod
+    def save_pipeline(self, out_dir: str | Path) -> Path:
+        """The family's export of this model."""
 
     # ---- shared --------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

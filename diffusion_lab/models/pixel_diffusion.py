@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+from diffusion_lab.families import ModelParts, family_named
+from diffusion_lab.families.checkpoints import describe_components
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
-from diffusion_lab.models.serialization import describe_components
-from diffusion_lab.pipelines.pixel import save_pixel_pipeline
 
 
 class PixelDiffusion(DiffusionModel):
@@ -32,6 +32,7 @@ class PixelDiffusion(DiffusionModel):
         )
         self.save_hyperparameters(ignore=["net", "noise_scheduler", "objective", "optimizer", "lr_scheduler"])
         self.net = net
+        self.family = family_named("pixel")
 
     def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
         return batch["pixels"]
@@ -39,13 +40,17 @@ class PixelDiffusion(DiffusionModel):
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
         return {"class_labels": batch["label"]} if self.net.config.num_class_embeds else {}
 
+    def parts(self) -> ModelParts:
+        return ModelParts(self.net, self.noise_scheduler)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Enough to rebuild the diffusers objects from the checkpoint alone (`diffusion-lab export`); the
         # scheduler is the objective's (a flow model's is a FlowMatchEulerDiscreteScheduler).
         checkpoint["diffusers_components"] = describe_components(
             net=self.net, noise_scheduler=self.noise_scheduler
         )
+        checkpoint["family"] = self.family.name
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """`unet/ + scheduler/ + model_index.json`: what `DiffusionPipeline.from_pretrained(out_dir)` loads."""
-        return save_pixel_pipeline(self.net, self.noise_scheduler, out_dir)
+        return self.family.save_pipeline(self.parts(), Path(out_dir))

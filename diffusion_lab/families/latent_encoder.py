@@ -1,0 +1,85 @@
+"""Images and captions -> what a latent family's network sees, the same for live and cached data.
+
+Training (`models.LatentDiffusion`) and the latent cache (`data.LatentCacheDataModule`, given one of these by
+its config) call the same methods, so a cached run trains on exactly what an uncached one computes.
+"""
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from diffusion_lab.dtypes import dtype_from_name
+from diffusion_lab.families.prompts import PromptEmbeddings
+from diffusion_lab.families.sd_parts import frozen_parts_fingerprint, load_text_and_vae
+
+
+class LatentEncoder:
+    """The frozen VAE and text encoder(s) of `pretrained` (and the replacement `vae`, if any), loaded on
+    first use unless `frozen` hands over parts already loaded. `vae_dtype` (None: follow training) keeps the
+    VAE in its own dtype outside autocast: the SD VAE overflows in fp16 (diffusers issue 4424)."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        vae: str | None = None,
+        vae_dtype: str | None = "float32",
+        text_encoder_dtype: str | None = None,
+        frozen: dict | None = None,
+    ) -> None:
+        self.pretrained, self.revision, self.vae_name = pretrained, revision, vae
+        self.vae_dtype, self.text_encoder_dtype = vae_dtype, text_encoder_dtype
+        self._frozen = frozen
+        self._fingerprint: str | None = None
+
+    def key(self) -> dict:
+        """What anything cached from these encoders is keyed on: the exact files and the dtypes."""
+        if self._fingerprint is None:
+            self._fingerprint = frozen_parts_fingerprint(self.pretrained, self.revision, self.vae_name)
+        return {"frozen_parts": self._fingerprint, "vae_dtype": str(self.vae_dtype),
+                "text_encoder_dtype": str(self.text_encoder_dtype)}  # fmt: skip
+
+    @property
+    def frozen(self) -> dict:
+        if self._frozen is None:
+            self._frozen = load_text_and_vae(self.pretrained, self.revision, self.vae_name)
+            self.to(torch.device("cpu"))
+        return self._frozen
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.frozen["vae"]
+
+    def to(self, device: torch.device) -> "LatentEncoder":
+        """The VAE (in `vae_dtype`) and text encoders (in `text_encoder_dtype`) on `device`."""
+        frozen = self.frozen
+        frozen["vae"].to(device=device, dtype=dtype_from_name(self.vae_dtype))
+        for encoder in frozen["prompts"].text_encoders:
+            encoder.to(device=device, dtype=dtype_from_name(self.text_encoder_dtype))
+        return self
+
+    def release(self) -> None:
+        """Drop the loaded parts (the latent cache is built; training reads it)."""
+        self._frozen = None
+
+    def restore_vae_dtype(self) -> None:
+        """A "true" precision (bf16-true) casts every weight of the model: the VAE goes back to its own."""
+        dtype = dtype_from_name(self.vae_dtype)
+        if dtype is not None and self.vae.dtype != dtype:
+            self.vae.to(dtype)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) in float32 for images in [-1, 1]."""
+        no_autocast = torch.autocast(pixels.device.type, enabled=False)
+        with no_autocast if self.vae_dtype is not None else contextlib.nullcontext():
+            posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def encode_prompts(self, captions: Sequence[str], device) -> PromptEmbeddings:
+        return self.frozen["prompts"](captions, device)

@@ -1,0 +1,1 @@
+"""Run plumbing: atomic writes, signals, resume, loggers, config checks and overrides, sweeps, DDP launch."""

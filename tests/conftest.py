@@ -60,7 +60,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random Stable Diffusion folder (32 px images, 16 px latents), built once per test session."""
-    from diffusion_lab.tiny_sd import build_tiny_sd
+    from diffusion_lab.families.tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny_sd")
 
@@ -109,6 +109,6 @@ def inception_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """A tiny random SDXL folder (two text encoders, text_time UNet; 32 px images), built once per session."""
-    from diffusion_lab.tiny_sd import build_tiny_sdxl
+    from diffusion_lab.families.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl")

@@ -66,6 +66,7 @@ def test_every_family_trains_resumes_exports_and_samples_what_its_grid_showed(na
     run("train", *common, "trainer.max_steps=2")
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and family_of_checkpoint(checkpoint) is family
+    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # every callback set logs the last step
 
     # resumes from that checkpoint to a third step
     run("train", *common, "trainer.max_steps=3", "ckpt_path=last")

@@ -1,6 +1,7 @@
 """Post-hoc EMA: the power-function profiles, their reconstruction from snapshots, and `diffusion-lab ema`."""
 
 import csv
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,14 +10,19 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.posthoc_ema import PostHocEMA
 from diffusion_lab.posthoc_ema.callback import read_snapshots
-from diffusion_lab.posthoc_ema.power import gamma_to_sigma_rel, power_ema_beta, sigma_rel_to_gamma
+from diffusion_lab.posthoc_ema.power import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.posthoc_ema.sweep import reconstruct, valid_range
-from diffusion_lab.errors import ConfigError
 from tests.test_commands import cli
 
 STEPS, EVERY = 400, 20
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """EDM2 eq. 3, the relation `sigma_rel_to_gamma` inverts."""
+    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
 
 
 def test_sigma_rel_and_gamma_convert_both_ways():

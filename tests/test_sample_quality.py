@@ -15,7 +15,7 @@ from PIL import Image
 from diffusion_lab.callbacks import EMA, SampleQuality
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.metrics import RandomConvFeatures
-from diffusion_lab.tiny_sd import build_tiny_clip
+from diffusion_lab.families.tiny import build_tiny_clip
 from tests.conftest import TINY, bare_trainer
 from tests.test_commands import cli
 

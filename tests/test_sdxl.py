@@ -11,11 +11,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from diffusion_lab.callbacks import EMA
+from diffusion_lab.core.crop_geometry import batch_crop_geometry
 from diffusion_lab.core.random import sample_keys
 from diffusion_lab.data import ImageDataModule, LatentCacheDataModule
 from diffusion_lab.data.transforms import random_flips
-from diffusion_lab.export import export_checkpoint
-from diffusion_lab.families.loading import load_sampler
+from diffusion_lab.families import LatentEncoder, load_sampler
+from diffusion_lab.families.export import export_checkpoint
 from diffusion_lab.generation.samplers import SampleSettings
 from diffusion_lab.models import LatentDiffusion
 from tests import builders
@@ -27,6 +28,11 @@ PROMPT = "a photo of a red flower"
 def _sdxl(tiny_sdxl, **overrides) -> LatentDiffusion:
     settings = dict(pretrained=str(tiny_sdxl), optimizer=functools.partial(torch.optim.AdamW), lr=1e-3)
     return LatentDiffusion(**{**settings, **overrides})
+
+
+def _encoder(tiny_sdxl, **overrides) -> LatentEncoder:
+    """The frozen parts' encoder as the config builds it (text encoders in float32)."""
+    return LatentEncoder(str(tiny_sdxl), **{"text_encoder_dtype": "float32", **overrides})
 
 
 def _mixed(root, **overrides) -> ImageDataModule:
@@ -52,7 +58,7 @@ def test_tiny_sdxl_fine_tunes_the_unet_on_buckets_and_leaves_the_frozen_parts_bi
     tiny_sdxl, tmp_path
 ):
     model = _sdxl(tiny_sdxl)
-    assert model.is_sdxl and model.text_encoder_2 is not None
+    assert model.family.name == "sdxl" and model.text_encoder_2 is not None
     frozen = {"vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
     before = {name: {k: v.clone() for k, v in part.state_dict().items()} for name, part in frozen.items()}
     unet_before = {k: v.clone() for k, v in model.net.state_dict().items()}
@@ -87,7 +93,7 @@ def test_time_ids_are_the_real_size_and_crop_by_hand_flips_included(tiny_sdxl, t
     batch = next(iter(data.train_dataloader()))
     assert tuple(batch["pixels"].shape[1:3]) == (24, 40)
     model = _sdxl(tiny_sdxl)
-    unflipped = model.time_ids(batch)
+    unflipped = batch_crop_geometry(batch)[:, :6]
     assert unflipped.tolist() == [[600, 1175, 0, 3, 24, 40]] * 4
     batch = data.on_after_batch_transfer(batch, 0)  # the training flips, keyed per (seed, step, image)
     flips = random_flips(data.hparams.seed, 0, batch["index"])
@@ -100,11 +106,11 @@ def test_time_ids_are_the_real_size_and_crop_by_hand_flips_included(tiny_sdxl, t
 
 def test_both_prompts_are_dropped_together_at_the_configured_rate(tiny_sdxl):
     model = _sdxl(tiny_sdxl, caption_dropout=0.25)
-    assert model.prompts.zeros_for_empty_prompt  # SDXL base's pipeline: zeros for the unconditional input
+    assert model.encoder.frozen["prompts"].zeros_for_empty_prompt  # SDXL base's pipeline: zeros for the unconditional input
     batch = {"caption": [PROMPT] * 400, "index": torch.arange(400), "pixels": torch.zeros(400, 3, 24, 40)}
     condition = model.conditioning(batch, sample_keys(0, 0, batch["index"]))
     hidden, pooled = condition["encoder_hidden_states"], condition["added_cond_kwargs"]["text_embeds"]
-    caption = model.encode_prompts([PROMPT])
+    caption = model.encoder.encode_prompts([PROMPT], model.device)
     first, second = hidden[..., :32], hidden[..., 32:]  # the two encoders' halves of the context
     dropped = (pooled == 0).all(dim=1)
     assert abs(dropped.float().mean().item() - 0.25) < 0.06
@@ -123,7 +129,7 @@ def test_sdxl_lora_saves_and_load_lora_weights_reproduces_the_trained_output(tin
     bare_trainer(2).fit(model, datamodule=data)
     model.eval()
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    trained = _generate(model.pipeline(scheduler=pipeline.scheduler))
+    trained = _generate(model.family.pipeline(model.parts(), scheduler=pipeline.scheduler))
     model.save_pipeline(tmp_path / "lora")
     base = _generate(pipeline)
     pipeline.load_lora_weights(tmp_path / "lora")
@@ -139,7 +145,7 @@ def test_an_exported_sdxl_checkpoint_generates_at_a_bucket_size_with_a_negative_
     bare_trainer(3, callbacks=[ema, checkpoints], enable_checkpointing=True).fit(model, datamodule=data)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     summary = export_checkpoint(ckpt, tmp_path / "pipeline")
-    assert summary["used_ema"]
+    assert summary["used_ema"] and summary["family"] == "sdxl"
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert isinstance(pipeline, StableDiffusionXLPipeline)
     shadow = ema.state_dict()["shadow_params"]
@@ -151,9 +157,9 @@ def test_an_exported_sdxl_checkpoint_generates_at_a_bucket_size_with_a_negative_
     with_negative, without = _generate(pipeline, negative_prompt="blurry"), _generate(pipeline)
     assert not torch.allclose(with_negative, without)
     # `diffusion-lab sample` loads the checkpoint itself and samples a portrait bucket.
-    sampler, details = load_sampler(str(ckpt))
-    assert details["used_ema"] and type(sampler.pipeline).__name__ == "StableDiffusionXLPipeline"
-    settings = SampleSettings(steps=2, guidance_scale=3.0, negative_prompt="blurry", height=40, width=24)
+    sampler, details = load_sampler(ckpt_path=str(ckpt))
+    assert details["used_ema"] and details["family"] == "sdxl" and type(sampler.pipeline).__name__ == "StableDiffusionXLPipeline"
+    settings = SampleSettings(num_inference_steps=2, guidance_scale=3.0, negative_prompt="blurry", height=40, width=24)
     assert sampler.generate([0, 1], settings, prompts=[PROMPT] * 2).shape == (2, 3, 40, 24)
 
 
@@ -161,7 +167,7 @@ def test_cached_bucketed_sdxl_batches_give_the_loss_of_images(tiny_sdxl, tmp_pat
     model = _sdxl(tiny_sdxl, caption_dropout=0.5)
     model.log = lambda *args, **kwargs: None
     images = _mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed"), random_flip=True)
-    cached = LatentCacheDataModule(images, pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "cache"))
+    cached = LatentCacheDataModule(images, encoder=_encoder(tiny_sdxl), cache_dir=str(tmp_path / "cache"))
     cached.prepare_data()
     cached.setup("fit")
     assert cached.train_set.meta["pooled_shape"] == [32] and len(cached.train_set.meta["latent_shapes"]) >= 2
@@ -188,7 +194,7 @@ def test_cache_keys_follow_the_bucket_set_and_each_images_bytes(tiny_sdxl, tmp_p
 
     def folder(**overrides):
         return LatentCacheDataModule(
-            _mixed(root, **overrides), pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "cache")
+            _mixed(root, **overrides), encoder=_encoder(tiny_sdxl), cache_dir=str(tmp_path / "cache")
         ).cache_folder("train")
 
     key = folder()
@@ -210,38 +216,39 @@ def test_an_fp16_safe_vae_replaces_the_vae_samples_beside_an_fp32_unet_and_expor
     AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", force_upcast=False).save_pretrained(replacement)
     model = _sdxl(tiny_sdxl, vae=str(replacement), vae_dtype="float16")
     assert model.vae.dtype == torch.float16 and model.net.dtype == torch.float32
-    images = _generate(model.pipeline())  # fp32 latents into the fp16 decoder
+    images = _generate(model.family.pipeline(model.parts()))  # fp32 latents into the fp16 decoder
     assert images.shape == (1, 3, 24, 40) and torch.isfinite(images).all()
     model.save_pipeline(tmp_path / "pipeline")
     assert model.vae.dtype == torch.float16  # restored after saving
     exported = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert exported.vae.dtype == torch.float32 and _generate(exported).shape == (1, 3, 24, 40)
     data = _mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed"))
-    plain = LatentCacheDataModule(data, pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "c"))
+    plain = LatentCacheDataModule(data, encoder=_encoder(tiny_sdxl), cache_dir=str(tmp_path / "c"))
     fixed = LatentCacheDataModule(
-        data, pretrained=str(tiny_sdxl), vae=str(replacement), cache_dir=str(tmp_path / "c")
+        data, encoder=_encoder(tiny_sdxl, vae=str(replacement)), cache_dir=str(tmp_path / "c")
     )
     assert plain.cache_folder("train") != fixed.cache_folder("train")
 
 
 def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl):
     model = _sdxl(tiny_sdxl)
-    pipeline = model.pipeline()
+    pipeline = model.family.pipeline(model.parts())
     hidden, _, pooled, _ = pipeline.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
-    ours = model.encode_prompts([PROMPT])
+    ours = model.encoder.encode_prompts([PROMPT], model.device)
     torch.testing.assert_close(ours.hidden, hidden)
     torch.testing.assert_close(ours.pooled, pooled)
     _, negative, _, negative_pooled = pipeline.encode_prompt(
         PROMPT, device="cpu", do_classifier_free_guidance=True
     )
-    unconditional = model.encode_prompts(
-        [""]
+    unconditional = model.encoder.encode_prompts(
+        [""], model.device
     )  # a dropped caption: the pipeline's input without a negative prompt
     torch.testing.assert_close(unconditional.hidden, negative)
     torch.testing.assert_close(unconditional.pooled, negative_pooled)
     geometry = torch.tensor([[600, 1175, 0, 3, 24, 40, 24, 47]])
     expected = pipeline._get_add_time_ids((600, 1175), (0, 3), (24, 40), torch.float32, 32)
-    torch.testing.assert_close(model.time_ids({"crop_geometry": geometry}), expected)
+    batch = {"crop_geometry": geometry, "caption": [PROMPT], "index": torch.arange(1)}
+    torch.testing.assert_close(model.conditioning(batch)["added_cond_kwargs"]["time_ids"], expected)
 
 
 def test_a_vae_that_overflows_is_refused_before_a_cache_of_nan_is_written(tiny_sdxl, tmp_path, monkeypatch):
@@ -256,7 +263,7 @@ def test_a_vae_that_overflows_is_refused_before_a_cache_of_nan_is_written(tiny_s
 
     monkeypatch.setattr(AutoencoderKL, "encode", overflowing)
     data = _mixed(builders.write_mixed_aspect_folder(tmp_path / "mixed"))
-    cache = LatentCacheDataModule(data, pretrained=str(tiny_sdxl), cache_dir=str(tmp_path / "cache"))
+    cache = LatentCacheDataModule(data, encoder=_encoder(tiny_sdxl), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="non-finite latents.*vae_dtype=float32"):
         cache.prepare_data()
     assert not list((tmp_path / "cache").rglob("meta.json"))

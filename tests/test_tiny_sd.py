@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion_lab.tiny_sd import build_tiny_sd
+from diffusion_lab.families.tiny import build_tiny_sd
 from tests.test_commands import cli
 
 
@@ -46,7 +46,7 @@ def test_tiny_sd_pipeline_generates_and_follows_the_prompt(tmp_path):
 
 
 def test_tiny_sd_command(tmp_path):
-    result = cli("tiny-sd", f"out={tmp_path / 'tiny'}")
+    result = cli("tiny-sd", f"out_dir={tmp_path / 'tiny'}")
     assert json.loads(result.stdout.strip().splitlines()[-1])["tiny_sd"] == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model_index.json").exists()
 
@@ -60,7 +60,7 @@ def test_tiny_sdxl_has_the_sdxl_layout_and_generates_at_a_non_square_size(tmp_pa
     from diffusion_lab.commands.tiny_sd import tiny_sd
 
     tiny_sd(
-        OmegaConf.create({"out": str(tmp_path / "sdxl"), "variant": "sdxl", "sample_size": 32, "seed": 0})
+        OmegaConf.create({"out_dir": str(tmp_path / "sdxl"), "variant": "sdxl", "sample_size": 32, "seed": 0})
     )
     path = tmp_path / "sdxl"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["variant"] == "sdxl"

@@ -1,7 +1,6 @@
 """Zero terminal SNR (arXiv:2305.08891) as one switch: training betas, trailing spacing in every sampler and
 the export, CFG rescale at sampling, epsilon refused."""
 
-import functools
 from unittest import mock
 
 import pytest
@@ -9,17 +8,15 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from hydra.utils import instantiate
 
-from diffusion_lab.core import DDPM
 from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.generation.samplers import TextToImageSampler
 from tests.conftest import TINY
 
-ZERO_SNR_DDPM = functools.partial(DDPM, zero_terminal_snr=True)
-ZERO_SNR = ["model.objective.zero_terminal_snr=true", "model.noise_scheduler.prediction_type=v_prediction"]
+ZERO_SNR = ["model.noise_scheduler.rescale_betas_zero_snr=true", "model.noise_scheduler.prediction_type=v_prediction"]
 
 
 def _first_timestep(sampler, name: str, steps: int = 50) -> int:
-    scheduler = sampler.scheduler(SampleSettings(scheduler=name, steps=steps))
+    scheduler = sampler.scheduler(SampleSettings(scheduler=name, num_inference_steps=steps))
     scheduler.set_timesteps(steps)
     return int(scheduler.timesteps[0])
 
@@ -59,10 +56,12 @@ def test_epsilon_with_zero_terminal_snr_is_refused(compose_config, tiny_sd):
     from diffusion_lab.models import LatentDiffusion
 
     with pytest.raises(Exception, match="v_prediction") as raised:
-        instantiate(compose_config(*TINY, "model.objective.zero_terminal_snr=true").model)
+        instantiate(compose_config(*TINY, "model.noise_scheduler.rescale_betas_zero_snr=true").model)
     assert isinstance(raised.value.__cause__, ConfigError)
     with pytest.raises(ConfigError, match="v_prediction"):
-        LatentDiffusion(str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, objective=ZERO_SNR_DDPM)
+        LatentDiffusion(
+            str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, noise_scheduler={"rescale_betas_zero_snr": True}
+        )
 
 
 def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_prediction_type_unset(
@@ -85,8 +84,7 @@ def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_predict
         str(base),
         optimizer=torch.optim.AdamW,
         lr=1e-3,
-        prediction_type="v_prediction",
-        objective=ZERO_SNR_DDPM,
+        noise_scheduler={"prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
     )
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     assert model.noise_scheduler.config.rescale_betas_zero_snr
@@ -95,9 +93,7 @@ def test_a_v_prediction_override_survives_zero_snr_on_a_base_that_leaves_predict
 def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
     from diffusion_lab.models import LatentDiffusion
 
-    settings = dict(
-        pretrained=str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, prediction_type="v_prediction"
-    )
+    settings = dict(pretrained=str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3)
     calls = []
 
     def takes_it(pipeline, prompt, guidance_rescale=0.0, **kwargs):  # StableDiffusionPipeline's signature
@@ -109,13 +105,12 @@ def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
         return mock.Mock(images=torch.zeros(len(prompt), 3, 32, 32))
 
     def run(zero_snr: bool, given: float | None, call) -> None:
-        sampler = TextToImageSampler(
-            LatentDiffusion(
-                **settings, objective=functools.partial(DDPM, zero_terminal_snr=zero_snr)
-            ).pipeline()
+        model = LatentDiffusion(
+            **settings, noise_scheduler={"prediction_type": "v_prediction", "rescale_betas_zero_snr": zero_snr}
         )
+        sampler = TextToImageSampler(model.family.pipeline(model.parts()))
         with mock.patch.object(StableDiffusionPipeline, "__call__", call):
-            sampler.generate([0], SampleSettings(steps=2, guidance_rescale=given), prompts=["a digit"])
+            sampler.generate([0], SampleSettings(num_inference_steps=2, guidance_rescale=given), prompts=["a digit"])
 
     for zero_snr, given, expected in [(True, None, 0.7), (True, 0.3, 0.3), (False, None, 0.0)]:
         run(zero_snr, given, takes_it)

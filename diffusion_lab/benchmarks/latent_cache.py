@@ -12,8 +12,8 @@ from torch.utils.data import default_collate
 
 from diffusion_lab.data import DigitsDataModule, LatentCacheDataModule
 from diffusion_lab.families import LatentEncoder
+from diffusion_lab.families.tiny import ensure_tiny_sd
 from diffusion_lab.models import LatentDiffusion
-from diffusion_lab.tiny_sd import ensure_tiny_sd
 
 
 def _synchronize(device: torch.device) -> None:

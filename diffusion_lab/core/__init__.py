@@ -6,7 +6,6 @@ Pure PyTorch + diffusers, no Lightning or Hydra, so it can be read and tested on
 
 from diffusion_lab.core.noise_process import (
     PREDICTION_TYPES,
-    predicted_epsilon,
     predicted_x0,
     signal_and_noise_scales,
     snr,
@@ -40,7 +39,6 @@ __all__ = [
     "keyed_normal",
     "keyed_uniform",
     "min_snr_weights",
-    "predicted_epsilon",
     "predicted_x0",
     "sample_images",
     "sample_keys",

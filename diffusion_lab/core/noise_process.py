@@ -57,16 +57,3 @@ def predicted_x0(
     if prediction_type == "sample":
         return output
     return alpha * x_t - sigma * output
-
-
-def predicted_epsilon(
-    prediction_type: str, x_t: torch.Tensor, output: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
-    """The noise implied by a network output at x_t (undefined for sample where sigma_t = 0)."""
-    _check_prediction_type(prediction_type)
-    alpha, sigma = per_image(alpha, x_t), per_image(sigma, x_t)
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "sample":
-        return (x_t - alpha * output) / sigma
-    return sigma * x_t + alpha * output

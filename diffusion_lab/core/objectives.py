@@ -36,7 +36,7 @@ from diffusion_lab.errors import ConfigError
 class Objective(abc.ABC):
     """What every objective provides (its abstract methods); `loss` is shared."""
 
-    family: str  # which samplers fit: "ddpm" or "flow" (see core.schedulers)
+    kind: str  # which samplers fit: "ddpm" or "flow" (see core.schedulers)
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class DDPM(Objective):
     """The DDPM noise process of any diffusers DDPM-family scheduler; its `prediction_type` picks the target and
     its `rescale_betas_zero_snr` makes the last step pure noise (arXiv:2305.08891), with trailing spacing."""
 
-    family = "ddpm"
+    kind = "ddpm"
 
     def __init__(
         self,
@@ -170,7 +170,7 @@ class FlowMatching(Objective):
     alike (None keeps the scheduler's). Given a DDPM-family scheduler (a pixel model's default, a Stable
     Diffusion checkpoint's), it keeps only its number of training timesteps, with shift 1."""
 
-    family = "flow"
+    kind = "flow"
 
     def __init__(
         self,
@@ -226,10 +226,3 @@ class FlowMatching(Objective):
 
     def predicted_x0(self, x_t, output, times):
         return x_t - per_image(times, x_t) * output
-
-
-def objective_for(noise_scheduler) -> Objective:
-    """The objective a trained model's scheduler implies (when a checkpoint is loaded to sample or export)."""
-    if isinstance(noise_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
-        return FlowMatching(noise_scheduler)
-    return DDPM(noise_scheduler)

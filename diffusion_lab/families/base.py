@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffusion_lab.errors import ConfigError
+
 
 @dataclass
 class ModelParts:
@@ -61,6 +63,10 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         """The parts of a loaded diffusers pipeline of this family."""
+
+    def build_tiny(self, out_dir: Path, sample_size: int = 32, seed: int = 0) -> Path:
+        """A tiny random pretrained model of this family (`diffusion-lab tiny-sd variant=<name>`), for CPU runs."""
+        raise ConfigError(f"the {self.name} family trains from scratch: it has no pretrained model to build")
 
     def load_pipeline(self, name_or_path: str, **kwargs):
         """A pipeline folder or hub id of this family, through `DiffusionPipeline.from_pretrained`."""

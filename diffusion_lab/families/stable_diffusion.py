@@ -51,6 +51,11 @@ class StableDiffusion(Family):
     def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None) -> ModelParts:
         return load_parts(pretrained, revision, vae)
 
+    def build_tiny(self, out_dir: Path, sample_size: int = 32, seed: int = 0) -> Path:
+        from diffusion_lab.families.tiny import build_tiny_sd
+
+        return build_tiny_sd(out_dir, sample_size=sample_size, seed=seed)
+
     def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
         hyper = checkpoint["hyper_parameters"]
         parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"))
@@ -135,6 +140,11 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     tiny_overrides = ("experiment=sdxl_lora_tiny", "~latent_cache")
     two_encoders = True
+
+    def build_tiny(self, out_dir: Path, sample_size: int = 32, seed: int = 0) -> Path:
+        from diffusion_lab.families.tiny import build_tiny_sdxl
+
+        return build_tiny_sdxl(out_dir, sample_size=sample_size, seed=seed)
 
     def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
         # original (height, width), crop (top, left), target (height, width) of the crop the data made

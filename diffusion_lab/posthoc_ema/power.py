@@ -26,11 +26,6 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(max(root.real for root in roots if abs(root.imag) < 1e-9))
 
 
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """EDM2 eq. 3: sigma_rel = (gamma + 1)^(1/2) (gamma + 2)^(-1) (gamma + 3)^(-1/2)."""
-    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
-
-
 def power_ema_beta(step: int, gamma: float) -> float:
     """The update's beta at optimizer step `step` (1-based): 0 at the first step (a copy)."""
     return (1.0 - 1.0 / step) ** (gamma + 1.0)

@@ -94,11 +94,10 @@ def check_same_objective(path: Path, checkpoint: dict, model: torch.nn.Module) -
     from diffusion_lab.core.schedulers import flow_settings
 
     saved = checkpoint.get("diffusers_components", {}).get("noise_scheduler")
-    objective = getattr(model, "objective", None)
-    if saved is None or objective is None:
+    if saved is None:
         return
     trained = "flow_matching" if flow_settings(saved["config"]) else "ddpm"
-    current = "flow_matching" if objective.family == "flow" else "ddpm"
+    current = "flow_matching" if model.objective.kind == "flow" else "ddpm"
     if trained != current:
         raise ConfigError(
             f"ckpt_path={path} was trained with model/objective={trained}; this config has "

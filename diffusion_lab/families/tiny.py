@@ -228,15 +228,15 @@ def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -
     return str(out_dir)
 
 
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
-
-
 def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, variant: str = "sd") -> str:
-    """The folder, built first if it is not there yet (configs use it as `pretrained`); `variant` sd | sdxl."""
+    """The folder, built first if it is not there yet (configs use it as `pretrained`); `variant` names the
+    family (sd | sdxl)."""
+    from diffusion_lab.families.registry import family_named
+
     out_dir = Path(out_dir)
     if not (out_dir / "model_index.json").exists():
         try:
-            BUILDERS[variant](out_dir, sample_size=sample_size, seed=seed)
+            family_named(variant).build_tiny(out_dir, sample_size=sample_size, seed=seed)
         except OSError:  # another process (a DDP rank) renamed its copy into place first
             if not (out_dir / "model_index.json").exists():
                 raise

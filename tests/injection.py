@@ -9,10 +9,10 @@ import time
 import lightning as L
 import torch
 
-from diffusion_lab.runs.atomic import write_file
 from diffusion_lab.callbacks import PipelineExport
-from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.models import PixelDiffusion
+from diffusion_lab.runs.atomic import write_file
+from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
 
 
 class SignalAt(L.Callback):

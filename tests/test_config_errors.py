@@ -7,8 +7,8 @@ import stat
 import pytest
 
 from diffusion_lab.cli import main
+from diffusion_lab.commands.resume import resolve_checkpoint
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.runs.resume import resolve_checkpoint
 from tests import builders
 
 

@@ -66,7 +66,8 @@ def test_every_family_trains_resumes_exports_and_samples_what_its_grid_showed(na
     run("train", *common, "trainer.max_steps=2")
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and family_of_checkpoint(checkpoint) is family
-    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # every callback set logs the last step
+    # every callback set logs the last step, even when the run is shorter than log_every_n_steps
+    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
 
     # resumes from that checkpoint to a third step
     run("train", *common, "trainer.max_steps=3", "ckpt_path=last")
@@ -95,3 +96,25 @@ def test_every_family_trains_resumes_exports_and_samples_what_its_grid_showed(na
     redrawn = save_grid(images, tmp / "redrawn.png", columns=columns)
     shown = np.asarray(Image.open(run_dir / "samples" / "final.png").convert("RGB")).astype(int)
     assert np.abs(np.asarray(Image.open(redrawn).convert("RGB")).astype(int) - shown).max() <= 1
+
+
+def test_the_pixel_sampling_loop_draws_what_the_exported_ddpm_pipeline_draws():
+    """The loop the pixel family samples with (core/sampling.py) exists for what DDPMPipeline cannot do (UniPC,
+    Euler, eta); where the pipeline works it must draw the same images from the same seeds."""
+    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    from diffusion_lab.generation import PixelSampler, SampleSettings
+    from diffusion_lab.models import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet(8, 3, [32, 32], [False, True], layers_per_block=1).eval()
+    training = DDPMScheduler()
+    ours = PixelSampler(net, training).generate(
+        [3, 4], SampleSettings(scheduler="ddim", num_inference_steps=4)
+    )
+    pipeline = DDPMPipeline(unet=net, scheduler=DDIMScheduler.from_config(training.config))
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in (3, 4)]
+    theirs = pipeline(batch_size=2, generator=generators, num_inference_steps=4, output_type="np").images
+    torch.testing.assert_close(
+        ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(theirs), atol=1e-5, rtol=0
+    )

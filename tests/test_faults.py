@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_lab.commands.instantiate import build_run
 from diffusion_lab.runs.atomic import DiskFull, write_file
 from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
-from diffusion_lab.commands.instantiate import build_run
 from diffusion_lab.runs.finite import NonFiniteWeights
 from tests.conftest import TINY
 from tests.test_commands import ENV, cli

@@ -188,8 +188,8 @@ def test_reference_features_are_computed_once_per_key(tmp_path):
 def test_clip_score_of_a_tiny_clip_matches_torchmetrics(tmp_path):
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
-    from diffusion_lab.metrics.scores import clip_model_loader
     from diffusion_lab.families.tiny import build_tiny_clip
+    from diffusion_lab.metrics.scores import clip_model_loader
 
     clip = build_tiny_clip(tmp_path / "clip")
     images, prompts = _images(5, n=4, size=32), ["a red flower", "two", "a photo of a digit", "blue"]

@@ -179,8 +179,8 @@ def test_a_checkpoints_scheduler_description_keeps_a_value_diffusers_had_listed_
 
 
 def test_resuming_under_another_objective_is_refused(compose_config, tmp_path):
+    from diffusion_lab.commands.resume import check_same_objective
     from diffusion_lab.families.checkpoints import describe_components
-    from diffusion_lab.runs.resume import check_same_objective
 
     flow = instantiate(compose_config(*TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match").model)
     ddpm_checkpoint = {"diffusers_components": describe_components(noise_scheduler=diffusers.DDPMScheduler())}

@@ -42,7 +42,9 @@ def test_an_old_name_on_the_command_line_is_refused_naming_the_new_one(capsys, t
 
 
 def test_an_old_name_in_a_config_file_is_refused_too(compose_config):
-    cfg = compose_config("debug=fast", "++trainer.val_check_interval=3")  # as a user's own experiment file could
+    cfg = compose_config(
+        "debug=fast", "++trainer.val_check_interval=3"
+    )  # as a user's own experiment file could
     with pytest.raises(ConfigError, match="'trainer.val_check_interval' is now 'val_every_n_steps"):
         check_run_config(cfg)
 
@@ -72,3 +74,17 @@ def test_flow_matching_on_a_latent_model_refuses_a_changed_prediction_type(compo
 def test_the_flow_experiment_composes_and_passes_the_checks(compose_config):
     check_run_config(compose_config("experiment=flow_digits"))
     check_run_config(compose_config("+objective_preset=flow_logit_normal"))
+
+
+def test_a_prediction_type_preset_reaches_a_latent_models_scheduler(compose_config, tiny_sd):
+    # It died with a TypeError when latent models kept their own `model.prediction_type`.
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    cfg = compose_config("experiment=sd_finetune_tiny", "+objective_preset=ddpm_v")
+    check_run_config(cfg)
+    with open_dict(cfg):
+        cfg.model.pretrained = str(tiny_sd)
+    model = instantiate(cfg.model)
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert model.objective.prediction_type == "v_prediction"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from diffusion_lab.callbacks import EMA, SampleQuality
 from diffusion_lab.data import DigitsDataModule
-from diffusion_lab.metrics import RandomConvFeatures
 from diffusion_lab.families.tiny import build_tiny_clip
+from diffusion_lab.metrics import RandomConvFeatures
 from tests.conftest import TINY, bare_trainer
 from tests.test_commands import cli
 
@@ -97,8 +97,8 @@ def _evaluate(*overrides: str) -> dict:
     """`diffusion-lab eval` in this process (the command line itself is tested above)."""
     from hydra import compose, initialize_config_module
 
-    from diffusion_lab.runs.overrides import CONFIG_MODULE
     from diffusion_lab.commands.evaluate import evaluate
+    from diffusion_lab.runs.overrides import CONFIG_MODULE
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return evaluate(compose("eval", overrides=list(overrides)))

@@ -157,8 +157,8 @@ def test_settings_json_reproduces_the_images(sampled_run):
 def test_replayed_settings_yield_to_the_command_line(sampled_run):
     from hydra import compose, initialize_config_module
 
-    from diffusion_lab.runs.overrides import CONFIG_MODULE
     from diffusion_lab.commands.sample import replay_settings
+    from diffusion_lab.runs.overrides import CONFIG_MODULE
 
     _, out, _ = sampled_run
     command_line = [f"settings={out / 'settings.json'}", "out_dir=elsewhere", "seed=4"]

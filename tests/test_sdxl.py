@@ -274,8 +274,8 @@ def test_a_lora_checkpoint_loads_weights_only_passes_the_resume_check_and_a_full
 ):
     from omegaconf import OmegaConf
 
+    from diffusion_lab.commands.resume import check_same_architecture
     from diffusion_lab.errors import ConfigError
-    from diffusion_lab.runs.resume import check_same_architecture
 
     targets = OmegaConf.create(["to_q", "to_k", "to_v", "to_out.0"])  # what Hydra passes
     model = _sdxl(tiny_sdxl, lora_rank=4, lora_target_modules=targets)

@@ -2,7 +2,7 @@
 
 import lightning as L
 
-from diffusion_lab.runs.resume import RUN_CONFIG
+RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each checkpoint
 
 
 class RunConfig(L.Callback):

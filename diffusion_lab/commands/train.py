@@ -24,13 +24,13 @@ from diffusion_lab.callbacks import (
 )
 from diffusion_lab.callbacks.sample_quality import describe_scores
 from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
+from diffusion_lab.commands.resume import check_same_architecture, resolve_checkpoint
 from diffusion_lab.runs.atomic import write_text
 from diffusion_lab.runs.config_checks import check_run_config
 from diffusion_lab.runs.finite import NonFiniteWeights
 from diffusion_lab.runs.loggers import resume_logs
 from diffusion_lab.runs.performance import effective_batch_size
 from diffusion_lab.runs.resolvers import is_multirun
-from diffusion_lab.runs.resume import check_same_architecture, resolve_checkpoint
 from diffusion_lab.runs.signals import RunInterrupted, stop_on_signals
 from diffusion_lab.runs.sweep_summary import RUN_SUMMARY
 

@@ -1,4 +1,9 @@
-"""The reverse process: a plain loop over any diffusers scheduler."""
+"""The reverse process: a plain loop over any diffusers scheduler.
+
+The pixel family samples with this loop rather than `DDPMPipeline.__call__`, which it exports: that loop passes
+`generator=` to every `scheduler.step` (UniPC and PNDM take none: TypeError), never applies `init_noise_sigma`
+or `scale_model_input` (Euler, Heun and LMS then sample from the wrong noise scale) and has no `eta`. On DDPM and
+DDIM, where the pipeline works, the two draw the same images from the same generators."""
 
 import inspect
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.callbacks.run_config import RUN_CONFIG
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.checkpoints import current_key
 
 log = logging.getLogger(__name__)
-RUN_CONFIG = "diffusion_lab_config"  # the run's resolved config, stored in each checkpoint
 
 
 def resolve_checkpoint(

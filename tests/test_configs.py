@@ -11,8 +11,16 @@ from diffusion_lab.runs.overrides import CONFIG_MODULE
 
 CONFIG_ROOT = files(CONFIG_MODULE)
 
-EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("experiment").iterdir() if p.name.endswith(".yaml"))
-NETS = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("model", "net").iterdir() if p.name.endswith(".yaml"))
+EXPERIMENTS = sorted(
+    p.name.removesuffix(".yaml")
+    for p in CONFIG_ROOT.joinpath("experiment").iterdir()
+    if p.name.endswith(".yaml")
+)
+NETS = sorted(
+    p.name.removesuffix(".yaml")
+    for p in CONFIG_ROOT.joinpath("model", "net").iterdir()
+    if p.name.endswith(".yaml")
+)
 
 
 def test_experiments_are_found():
@@ -138,7 +146,9 @@ def test_config_group_options_compose(compose_config, overrides):
     instantiate(cfg.model.noise_scheduler)
 
 
-DATA = sorted(p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("data").iterdir() if p.name.endswith(".yaml"))
+DATA = sorted(
+    p.name.removesuffix(".yaml") for p in CONFIG_ROOT.joinpath("data").iterdir() if p.name.endswith(".yaml")
+)
 
 
 @pytest.mark.parametrize("data", DATA)

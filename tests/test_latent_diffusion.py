@@ -77,7 +77,9 @@ def test_v_prediction_target_matches_a_hand_computation(tiny_sd):
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     batch = next(iter(_digits(4).train_dataloader()))
     keys = sample_keys(0, 0, batch["index"])
-    latents = model.encoder.scale_latents(keyed_gaussian_sample(*model.encoder.encode_posterior(batch["pixels"]), keys))
+    latents = model.encoder.scale_latents(
+        keyed_gaussian_sample(*model.encoder.encode_posterior(batch["pixels"]), keys)
+    )
 
     class Zero(torch.nn.Module):  # predicts 0, so the loss is the mean square of the target
         def forward(self, sample, timestep, **kwargs):
@@ -106,13 +108,8 @@ def test_validation_loss_is_deterministic(tiny_sd):
 def test_model_config_builds_from_a_local_folder_through_from_pretrained(tiny_sd, compose_config):
     from hydra.utils import instantiate
 
-    cfg = compose_config(
-        "model=latent", f"model.pretrained={tiny_sd}", "model.gradient_checkpointing=true"
-    )
-    assert (
-        compose_config("model=latent").model.pretrained
-        == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    )
+    cfg = compose_config("model=latent", f"model.pretrained={tiny_sd}", "model.gradient_checkpointing=true")
+    assert compose_config("model=latent").model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     model = instantiate(cfg.model)
     assert model.net.is_gradient_checkpointing and model.hparams.caption_dropout == 0.1
 
@@ -125,6 +122,6 @@ def test_pixel_only_callbacks_fail_at_the_start_with_a_way_out(tiny_sd, compose_
     datamodule, model, trainer = build_run(cfg)
     with pytest.raises(
         ValueError,
-        match=r"callbacks.sample_grid draws image grids; the sd family's grid is a prompt grid .* ~callbacks.sample_grid",
+        match=r"callbacks.sample_grid draws image grids; the sd family draws prompt grids .* ~callbacks.sample_grid",
     ):
         trainer.fit(model, datamodule=datamodule)

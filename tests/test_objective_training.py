@@ -78,7 +78,10 @@ def test_every_objective_trains_the_latent_model(tiny_sd, objective):
 def test_a_flow_pixel_export_loads_in_diffusion_pipeline_and_samples(compose_config, tmp_path):
     model = instantiate(
         compose_config(
-            *TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match", "model.objective.shift=2.0"
+            *TINY,
+            "model/objective=flow_matching",
+            "model/noise_scheduler=flow_match",
+            "model.objective.shift=2.0",
         ).model
     )
     model.save_pipeline(tmp_path / "pipeline")
@@ -115,7 +118,9 @@ def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, t
     sampler, _ = load_sampler(ckpt_path=str(tmp_path / "flow.ckpt"))
     assert type(sampler.scheduler(SampleSettings())).__name__ == "FlowMatchEulerDiscreteScheduler"
     for name in ("euler", "heun", "dpm++"):  # through StableDiffusionPipeline, which reads init_noise_sigma
-        image = sampler.generate([0], SampleSettings(scheduler=name, num_inference_steps=2), prompts=["a digit"])
+        image = sampler.generate(
+            [0], SampleSettings(scheduler=name, num_inference_steps=2), prompts=["a digit"]
+        )
         assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     export_checkpoint(tmp_path / "flow.ckpt", tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")

@@ -182,7 +182,9 @@ def test_resuming_under_another_objective_is_refused(compose_config, tmp_path):
     from diffusion_lab.commands.resume import check_same_objective
     from diffusion_lab.families.checkpoints import describe_components
 
-    flow = instantiate(compose_config(*TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match").model)
+    flow = instantiate(
+        compose_config(*TINY, "model/objective=flow_matching", "model/noise_scheduler=flow_match").model
+    )
     ddpm_checkpoint = {"diffusers_components": describe_components(noise_scheduler=diffusers.DDPMScheduler())}
     with pytest.raises(
         ConfigError, match="trained with model/objective=ddpm; this config has model/objective=flow_matching"

@@ -132,7 +132,11 @@ def test_the_sample_command_loads_a_class_conditional_export(compose_config, tmp
     model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
     write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
     (tmp_path / "pipeline" / "pipeline.py").write_text("raise RuntimeError('the folder code ran')\n")
-    sampler, details = load_sampler(pretrained=str(tmp_path / "pipeline"))  # our class: the folder's code is not run
+    sampler, details = load_sampler(
+        pretrained=str(tmp_path / "pipeline")
+    )  # our class: the folder's code is not run
     assert details["pipeline_class"] == "ClassConditionalDDPMPipeline" and sampler.num_classes == 10
-    images = sampler.generate([0, 1], SampleSettings(scheduler="ddim", num_inference_steps=2), class_labels=[2, 5])
+    images = sampler.generate(
+        [0, 1], SampleSettings(scheduler="ddim", num_inference_steps=2), class_labels=[2, 5]
+    )
     assert images.shape == (2, 1, 8, 8)

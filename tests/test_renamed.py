@@ -88,3 +88,18 @@ def test_a_prediction_type_preset_reaches_a_latent_models_scheduler(compose_conf
     model = instantiate(cfg.model)
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     assert model.objective.prediction_type == "v_prediction"
+
+
+def test_a_latent_model_built_in_python_refuses_ddpm_fields_under_flow_matching(tiny_sd):
+    import functools
+
+    import torch
+
+    from diffusion_lab.core import FlowMatching
+    from diffusion_lab.models import LatentDiffusion
+
+    with pytest.raises(ConfigError, match="does not use model.noise_scheduler's prediction_type"):
+        LatentDiffusion(
+            str(tiny_sd), optimizer=functools.partial(torch.optim.AdamW), lr=1e-4,
+            objective=functools.partial(FlowMatching), noise_scheduler={"prediction_type": "v_prediction"},
+        )  # fmt: skip

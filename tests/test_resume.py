@@ -31,7 +31,14 @@ def _run(compose_config, out_dir, *overrides):
 
 @pytest.mark.parametrize(
     "objective",
-    [[], ["model/objective=flow_matching", "model/noise_scheduler=flow_match", "model/objective/timesteps=logit_normal"]],
+    [
+        [],
+        [
+            "model/objective=flow_matching",
+            "model/noise_scheduler=flow_match",
+            "model/objective/timesteps=logit_normal",
+        ],
+    ],
     ids=["ddpm", "flow_matching"],
 )
 def test_resume_equals_straight_run(compose_config, tmp_path, objective):

@@ -192,7 +192,9 @@ def test_a_wrong_scheduler_name_lists_the_valid_ones(sampled_run, tmp_path):
 
 
 def test_a_misspelt_sample_key_is_named_and_the_mandatory_keys_are_not(tmp_path):
-    result = cli("sample", "pretrained=somewhere", f"out_dir={tmp_path}", "num_inference_stepz=3", check=False)
+    result = cli(
+        "sample", "pretrained=somewhere", f"out_dir={tmp_path}", "num_inference_stepz=3", check=False
+    )
     assert "unknown config key 'num_inference_stepz'" in result.stderr
     assert "Did you mean 'num_inference_steps'?" in result.stderr
     assert "unknown config key 'pretrained'" not in result.stderr and "'out_dir'" not in result.stderr

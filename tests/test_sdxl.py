@@ -106,7 +106,9 @@ def test_time_ids_are_the_real_size_and_crop_by_hand_flips_included(tiny_sdxl, t
 
 def test_both_prompts_are_dropped_together_at_the_configured_rate(tiny_sdxl):
     model = _sdxl(tiny_sdxl, caption_dropout=0.25)
-    assert model.encoder.frozen["prompts"].zeros_for_empty_prompt  # SDXL base's pipeline: zeros for the unconditional input
+    assert model.encoder.frozen[
+        "prompts"
+    ].zeros_for_empty_prompt  # SDXL base's pipeline: zeros for the unconditional input
     batch = {"caption": [PROMPT] * 400, "index": torch.arange(400), "pixels": torch.zeros(400, 3, 24, 40)}
     condition = model.conditioning(batch, sample_keys(0, 0, batch["index"]))
     hidden, pooled = condition["encoder_hidden_states"], condition["added_cond_kwargs"]["text_embeds"]
@@ -158,8 +160,14 @@ def test_an_exported_sdxl_checkpoint_generates_at_a_bucket_size_with_a_negative_
     assert not torch.allclose(with_negative, without)
     # `diffusion-lab sample` loads the checkpoint itself and samples a portrait bucket.
     sampler, details = load_sampler(ckpt_path=str(ckpt))
-    assert details["used_ema"] and details["family"] == "sdxl" and type(sampler.pipeline).__name__ == "StableDiffusionXLPipeline"
-    settings = SampleSettings(num_inference_steps=2, guidance_scale=3.0, negative_prompt="blurry", height=40, width=24)
+    assert (
+        details["used_ema"]
+        and details["family"] == "sdxl"
+        and type(sampler.pipeline).__name__ == "StableDiffusionXLPipeline"
+    )
+    settings = SampleSettings(
+        num_inference_steps=2, guidance_scale=3.0, negative_prompt="blurry", height=40, width=24
+    )
     assert sampler.generate([0, 1], settings, prompts=[PROMPT] * 2).shape == (2, 3, 40, 24)
 
 

@@ -12,7 +12,10 @@ from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.generation.samplers import TextToImageSampler
 from tests.conftest import TINY
 
-ZERO_SNR = ["model.noise_scheduler.rescale_betas_zero_snr=true", "model.noise_scheduler.prediction_type=v_prediction"]
+ZERO_SNR = [
+    "model.noise_scheduler.rescale_betas_zero_snr=true",
+    "model.noise_scheduler.prediction_type=v_prediction",
+]
 
 
 def _first_timestep(sampler, name: str, steps: int = 50) -> int:
@@ -60,7 +63,10 @@ def test_epsilon_with_zero_terminal_snr_is_refused(compose_config, tiny_sd):
     assert isinstance(raised.value.__cause__, ConfigError)
     with pytest.raises(ConfigError, match="v_prediction"):
         LatentDiffusion(
-            str(tiny_sd), optimizer=torch.optim.AdamW, lr=1e-3, noise_scheduler={"rescale_betas_zero_snr": True}
+            str(tiny_sd),
+            optimizer=torch.optim.AdamW,
+            lr=1e-3,
+            noise_scheduler={"rescale_betas_zero_snr": True},
         )
 
 
@@ -106,11 +112,14 @@ def test_guidance_rescale_reaches_the_pipeline_that_takes_it(tiny_sd):
 
     def run(zero_snr: bool, given: float | None, call) -> None:
         model = LatentDiffusion(
-            **settings, noise_scheduler={"prediction_type": "v_prediction", "rescale_betas_zero_snr": zero_snr}
+            **settings,
+            noise_scheduler={"prediction_type": "v_prediction", "rescale_betas_zero_snr": zero_snr},
         )
         sampler = TextToImageSampler(model.family.pipeline(model.parts()))
         with mock.patch.object(StableDiffusionPipeline, "__call__", call):
-            sampler.generate([0], SampleSettings(num_inference_steps=2, guidance_rescale=given), prompts=["a digit"])
+            sampler.generate(
+                [0], SampleSettings(num_inference_steps=2, guidance_rescale=given), prompts=["a digit"]
+            )
 
     for zero_snr, given, expected in [(True, None, 0.7), (True, 0.3, 0.3), (False, None, 0.0)]:
         run(zero_snr, given, takes_it)

@@ -10,6 +10,6 @@ def require_grid(pl_module: L.LightningModule, grid: str, config_key: str) -> No
     family = pl_module.family
     if family.grid != grid:
         raise ValueError(
-            f"callbacks.{config_key} draws {grid} grids; the {family.name} family's grid is a {family.grid} grid "
+            f"callbacks.{config_key} draws {grid} grids; the {family.name} family draws {family.grid} grids "
             f"(callbacks.{GRID_CALLBACKS[family.grid]}). Remove it with ~callbacks.{config_key}"
         )

@@ -39,6 +39,10 @@ class Pixel(Family):
             return load_class_conditional_export(name_or_path, kwargs.get("torch_dtype"))
         return super().load_pipeline(name_or_path, **kwargs)
 
+    def conditioning(self, batch: dict, net) -> dict:
+        """The network's keyword arguments besides (x_t, t): the class labels of a class-conditional net."""
+        return {"class_labels": batch["label"]} if net.config.num_class_embeds else {}
+
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         return ModelParts(pipeline.unet, pipeline.scheduler)
 

@@ -89,6 +89,16 @@ class LatentDiffusion(DiffusionModel):
         parts: ModelParts = family.load_parts(pretrained, revision, vae)
         scheduler = training_scheduler(parts.noise_scheduler, noise_scheduler)
         super().__init__(scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels)
+        changed = (
+            []
+            if isinstance(noise_scheduler, SchedulerMixin)
+            else [key for key, value in dict(noise_scheduler or {}).items() if value is not None]
+        )
+        if self.objective.kind == "flow" and changed:
+            raise ConfigError(
+                f"model/objective=flow_matching does not use model.noise_scheduler's {', '.join(changed)} "
+                "(DDPM fields): leave them null"
+            )
         # Plain lists and dicts in the checkpoint (Hydra passes ListConfig, which weights-only loading refuses).
         lora_target_modules = list(lora_target_modules or family.lora_target_modules)
         self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "noise_scheduler"])

@@ -38,7 +38,7 @@ class PixelDiffusion(DiffusionModel):
         return batch["pixels"]
 
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
-        return {"class_labels": batch["label"]} if self.net.config.num_class_embeds else {}
+        return self.family.conditioning(batch, self.net)
 
     def parts(self) -> ModelParts:
         return ModelParts(self.net, self.noise_scheduler)

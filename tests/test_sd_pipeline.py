@@ -74,7 +74,7 @@ def test_prompt_grid_refuses_a_pixel_model(compose_config):
     model = instantiate(compose_config("model/net=unet_tiny", "data.image_size=8").model)
     with pytest.raises(
         ValueError,
-        match=r"callbacks.prompt_grid draws prompt grids; the pixel family's grid .*~callbacks.prompt_grid",
+        match=r"callbacks.prompt_grid draws prompt grids; the pixel family draws image grids .*~callbacks.prompt_grid",
     ):
         PromptGrid("unused", PROMPTS).setup(None, model, "fit")
 

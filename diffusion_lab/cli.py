@@ -10,6 +10,7 @@ import hydra
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.runs.atomic import require_writable
 from diffusion_lab.runs.overrides import (
     CONFIG_MODULE,
     admit_library_arguments,
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None):
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     try:
         refuse_renamed_overrides(overrides, label)
+        for override in overrides:  # Hydra logs into the run folder before any task runs: check it first
+            if override.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
+                require_writable(override.split("=", 1)[1])
     except ConfigError as error:
         print(f"diffusion-lab: {error}", file=sys.stderr)
         raise SystemExit(2) from None

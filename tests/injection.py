@@ -9,7 +9,7 @@ import time
 import lightning as L
 import torch
 
-from diffusion_lab.callbacks import PipelineExport
+from diffusion_lab.callbacks import PipelineExport, SampleQuality
 from diffusion_lab.models import PixelDiffusion
 from diffusion_lab.runs.atomic import write_file
 from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
@@ -86,3 +86,23 @@ class NaNLossAt(PixelDiffusion):
         if getattr(self, "_remove_hook", None):
             self._remove_hook()
             self._remove_hook = None
+
+
+class SignalledDuringFinalScore(SampleQuality):
+    """The sample_quality callback, signalled (SIGTERM to its own process) as its end-of-run scoring starts:
+    the stop request then meets the first safe point inside the scoring."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        super().on_train_end(trainer, pl_module)
+
+
+class RaiseAt(L.Callback):
+    """A callback that fails at optimizer step `step` (a bug in a user's callback, a full quota)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")

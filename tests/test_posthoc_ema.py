@@ -67,7 +67,7 @@ def tracked(tmp_path_factory):
             net.bias.copy_(trajectory[step - 1, 4:])
             trainer.global_step = step
             callback.on_train_batch_end(trainer, module, None, None, step)
-    return callback, read_snapshots(folder), trajectory
+    return callback, read_snapshots(folder)[0], trajectory
 
 
 def test_the_reconstruction_of_a_tracked_profile_is_that_profile(tracked):
@@ -159,7 +159,7 @@ def test_a_resume_moves_aside_snapshots_past_its_step_and_a_late_callback_is_ref
     resumed.load_state_dict(first.state_dict())
     trainer.global_step = 2
     resumed.on_train_start(trainer, module)
-    assert sorted(s["step"] for s in read_snapshots(tmp_path)) == [2, 2]
+    assert sorted(s["step"] for s in read_snapshots(tmp_path)[0]) == [2, 2]
     assert len(list((tmp_path / "abandoned").iterdir())) == 4
     with pytest.raises(ConfigError, match="added to a run resumed at step 2"):
         PostHocEMA(str(tmp_path / "late")).on_train_start(trainer, module)

@@ -26,6 +26,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _step_at_last_batch = -1
+    end_of_run = True  # the final save comes last, after the other end-of-run work (commands.train)
 
     def __init__(self, out_dir: str | None = None, **model_checkpoint_arguments) -> None:
         # `out_dir`: the one name for an output folder in every command and callback (Lightning: `dirpath`).

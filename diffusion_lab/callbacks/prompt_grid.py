@@ -12,6 +12,7 @@ from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.core.schedulers import check_scheduler_name
 from diffusion_lab.generation import SampleSettings
 from diffusion_lab.images import save_grid
+from diffusion_lab.runs.signals import stop_if_requested
 
 
 class PromptGrid(L.Callback):
@@ -20,6 +21,8 @@ class PromptGrid(L.Callback):
     One row per prompt, one column per seed; the same prompts, seeds, guidance scale and negative prompt every
     time, so successive grids show one model getting better. Uses the EMA weights when EMA is on.
     """
+
+    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class PromptGrid(L.Callback):
         return pl_module.family.sampler(pl_module.parts()).generate(seeds, settings, prompts=prompts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        stop_if_requested()
         with ema_weights(trainer, pl_module):
             images = self.generate(pl_module)
         path = save_grid(images, self.out_dir / f"{name}.png", columns=len(self.seeds))

@@ -12,6 +12,7 @@ from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.core.schedulers import check_scheduler_name
 from diffusion_lab.generation import SampleSettings
 from diffusion_lab.images import save_grid
+from diffusion_lab.runs.signals import stop_if_requested
 
 
 class SampleGrid(L.Callback):
@@ -21,6 +22,8 @@ class SampleGrid(L.Callback):
     noise being denoised by a better model. A class-conditional net gets labels 0, 1, 2, ... cycling over its
     classes.
     """
+
+    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -46,6 +49,7 @@ class SampleGrid(L.Callback):
         )
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        stop_if_requested()
         path = save_grid(self.generate(pl_module), self.out_dir / f"{name}.png")
         log_image_file(trainer, "samples", path)
         return path

@@ -47,6 +47,8 @@ class SampleQuality(L.Callback):
     the GPU afterwards.
     """
 
+    end_of_run = True  # work a resumed run with no step left still does (commands.train)
+
     def __init__(
         self,
         feature_extractor: torch.nn.Module,
@@ -119,7 +121,7 @@ class SampleQuality(L.Callback):
             plan = evaluation_plan(sampler, self.num_samples, self.seed, prompts)
             scores = score_sampler(
                 sampler, plan, self.settings, reference, self.extractor, self.protocol, self.batch_size, device,
-                clip_scorer=self._clip_scorer, **self.score_options,
+                clip_scorer=self._clip_scorer, progress=True, **self.score_options,
             )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion_lab.commands.inputs import require_positive
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.plots import line_plot
 from diffusion_lab.posthoc_ema.power import sigma_rel_to_gamma
@@ -50,11 +51,19 @@ def _on_axis(sigma_rel: float) -> float | None:
 def ema(cfg: DictConfig) -> dict:
     from diffusion_lab.commands.evaluate import evaluate
 
-    run = RunFiles.of(cfg.run)
+    require_positive(cfg, "num_samples", "batch_size", "sampling.num_inference_steps")
+    run = RunFiles.of(cfg.run, skip_bad=cfg.skip_bad)
     out = Path(cfg.out_dir) if cfg.out_dir else run.folder / "ema_sweep"
     sigmas = _sigma_rels(cfg.sigma_rel)
     check_lengths(run.snapshots, sigmas, cfg.max_error)  # before anything is exported
     low, high = valid_range(run.snapshots, cfg.max_error)
+    log.info(
+        "%d snapshots up to step %d rebuild sigma_rel %.3f to %.3f",
+        len(run.snapshots),
+        run.last_step,
+        low,
+        high,
+    )
     network = Network(run.checkpoint)
     rows = []
     for sigma in tqdm(sigmas, desc="post-hoc EMA", unit="length"):

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.commands.devices import resolve_device, resolve_dtype
+from diffusion_lab.commands.inputs import require_positive
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families import load_sampler
 from diffusion_lab.generation import SampleSettings
@@ -48,17 +49,21 @@ def reference_features(cfg: DictConfig, extractor, protocol: str, device):
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    require_positive(cfg, "num_samples", "batch_size", "sampling.num_inference_steps")
+    if sum(bool(source) for source in (cfg.images, cfg.ckpt_path, cfg.pretrained)) != 1:
+        raise ConfigError(
+            "give exactly one of images=DIR (generated images), ckpt_path=FILE or pretrained=DIR_OR_HUB_ID "
+            "(sampled here)"
+        )
+    sampler = None
+    if not cfg.images:  # a model that cannot be loaded fails before the reference set is read
+        sampler, _ = load_sampler(cfg.ckpt_path, cfg.pretrained, cfg.use_ema, cfg.revision, cfg.lora)
     device = resolve_device(cfg.device)
     protocol = check_protocol(cfg.fid_protocol)
     extractor = instantiate(cfg.feature_extractor).eval().requires_grad_(False)
     options = dict(kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
                    inception_score=cfg.inception_score, seed=cfg.seed)  # fmt: skip
     clip_scorer = ClipScorer(cfg.clip_model) if cfg.clip_model else None
-    if sum(bool(source) for source in (cfg.images, cfg.ckpt_path, cfg.pretrained)) != 1:
-        raise ConfigError(
-            "give exactly one of images=DIR (generated images), ckpt_path=FILE or pretrained=DIR_OR_HUB_ID "
-            "(sampled here)"
-        )
     reference = reference_features(cfg, extractor, protocol, device)
     if cfg.images:
         files, prompts = listed_images(cfg.images)
@@ -71,7 +76,6 @@ def evaluate(cfg: DictConfig) -> dict:
                 clip_scorer.update(images, prompts[start : start + len(images)])
             scores["clip_score"] = clip_scorer.compute()
     else:
-        sampler, _ = load_sampler(cfg.ckpt_path, cfg.pretrained, cfg.use_ema, cfg.revision, cfg.lora)
         sampler.to(device, resolve_dtype(cfg.dtype, sampler.kind, device))
         prompt = list(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else cfg.prompt
         prompts = read_prompts(prompt, cfg.prompt_file) or reference.captions

@@ -84,8 +84,33 @@ def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig)
             f"ckpt_path={path} does not fit this model: {len(misfits)} tensors differ "
             f"(e.g. {example}: {shapes}). Config keys that differ: {keys}"
         )
+    check_same_shapes(path, checkpoint, cfg)
     check_same_objective(path, checkpoint, model)
     return int(checkpoint.get("global_step", 0))
+
+
+# Values that set the shape of what the network sees without changing any weight's shape (a UNet takes any
+# resolution): a resume with another one would train on without a word.
+SHAPE_KEYS = ("data.image_size", "data.channels", "data.buckets", "data.bucket_step", "model.net.sample_size",
+              "model.net.in_channels", "model.net.out_channels", "model.net.num_class_embeds")  # fmt: skip
+
+
+def check_same_shapes(path: Path, checkpoint: dict, cfg: DictConfig) -> None:
+    recorded = checkpoint.get(RUN_CONFIG)
+    if recorded is None:
+        return
+    now = OmegaConf.to_container(cfg, resolve=True)
+    old, new = _flat(recorded), _flat(now)
+    differing = [
+        f"{key}: {old[key]!r} in the checkpoint, {new.get(key, '(absent)')!r} now"
+        for key in SHAPE_KEYS
+        if key in old and old[key] != new.get(key)
+    ]
+    if differing:
+        raise ConfigError(
+            f"ckpt_path={path} was trained on other shapes: {'; '.join(differing)}. Resume with the checkpoint's "
+            "values, or start a new run"
+        )
 
 
 def check_same_objective(path: Path, checkpoint: dict, model: torch.nn.Module) -> None:

@@ -7,6 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.commands.devices import resolve_device, resolve_dtype
+from diffusion_lab.commands.inputs import require_positive
 from diffusion_lab.core.schedulers import check_scheduler_name
 from diffusion_lab.families import load_sampler
 from diffusion_lab.generation import SampleSettings
@@ -34,6 +35,7 @@ def sample(cfg: DictConfig) -> dict:
     if cfg.settings:
         cfg = replay_settings(cfg, list(HydraConfig.get().overrides.task))
     check_scheduler_name(cfg.scheduler)  # before any model is loaded
+    require_positive(cfg, "num_images", "num_inference_steps", "batch_size")
     sampler, loaded = load_sampler(cfg.ckpt_path, cfg.pretrained, cfg.use_ema, cfg.revision, cfg.lora)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, sampler.kind, device)

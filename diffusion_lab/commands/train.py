@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import re
 import shlex
 import signal
 import time
@@ -25,12 +26,14 @@ from diffusion_lab.callbacks import (
 from diffusion_lab.callbacks.sample_quality import describe_scores
 from diffusion_lab.commands.instantiate import build_run, per_device_batch_size
 from diffusion_lab.commands.resume import check_same_architecture, resolve_checkpoint
-from diffusion_lab.runs.atomic import write_text
+from diffusion_lab.runs.atomic import require_writable, write_text
+from diffusion_lab.runs.children import kill_children
 from diffusion_lab.runs.config_checks import check_run_config
 from diffusion_lab.runs.finite import NonFiniteWeights
 from diffusion_lab.runs.loggers import resume_logs
 from diffusion_lab.runs.performance import effective_batch_size
 from diffusion_lab.runs.resolvers import is_multirun
+from diffusion_lab.runs.run_lock import RunLock
 from diffusion_lab.runs.signals import RunInterrupted, stop_on_signals
 from diffusion_lab.runs.sweep_summary import RUN_SUMMARY
 
@@ -38,13 +41,36 @@ log = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
 
 
+class NoTrainingSteps(RuntimeError):
+    """A run that ended without a single optimizer step: never `finished`."""
+
+
 def train(cfg: DictConfig) -> float | None:
     """Returns `cfg.optimized_metric` (e.g. val/loss) so Hydra sweepers can minimise it; None for a run that
-    diverged (a failed trial). Exits 130 / 143 when stopped by SIGINT / SIGTERM, 3 when it diverged."""
+    diverged (a failed trial). Exits 130 / 143 when stopped by SIGINT / SIGTERM, 3 when it diverged, 1 when it
+    failed (its children killed, the error's first line in run_summary.json)."""
     logging.captureWarnings(True)  # Lightning's and the libraries' warnings into train.log too
     check_run_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank != 0:  # the other ranks of a multi-process run share rank 0's folder and lock
+        return _train(cfg, output_dir)
+    require_writable(output_dir)
+    with RunLock(output_dir):
+        return _train(cfg, output_dir)
+
+
+def finish_run(trainer: L.Trainer, model: L.LightningModule) -> None:
+    """A run resumed with no step left to train (stopped during its end-of-run work): Lightning skips the end
+    of training, so the end-of-run work (final grid, scores, export, snapshot, the final checkpoint) is done
+    here, in the callbacks' order, and nothing is trained."""
+    log.info("step %d reached before: finishing the end-of-run work", trainer.global_step)
+    for callback in trainer.callbacks:
+        if getattr(callback, "end_of_run", False):
+            callback.on_train_end(trainer, model)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> float | None:
+    L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build_run(cfg)
     checkpoints = trainer.checkpoint_callback
     resume = resolve_checkpoint(
@@ -64,15 +90,34 @@ def train(cfg: DictConfig) -> float | None:
     try:
         with stop_on_signals() as signals:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            if resume and 0 < trainer.max_steps <= resume_step:
+                finish_run(trainer, model)
         status = "finished"
+        if trainer.global_step == resume_step and trainer.max_steps != resume_step:
+            status, ending = (
+                "failed",
+                NoTrainingSteps(
+                    f"the run ended at step {trainer.global_step} without one optimizer step (the training data gave "
+                    "no batch): see data.batch_size and the size of the training split"
+                ),
+            )
     except (Diverged, NonFiniteWeights) as error:
         status, ending = "diverged", error
     except SystemExit as error:  # RunInterrupted, Lightning's SIGTERMException, a second Ctrl-C
         status, ending = "interrupted", error
+    except (
+        BaseException
+    ) as error:  # a fatal error, wherever it was raised (a loader worker, a callback, the step)
+        ending = error
+        kill_children()  # loader workers ignore SIGTERM: without this the exit waits on them forever
+        raise
     finally:
         if trainer.is_global_zero:
             images = (trainer.global_step - resume_step) * effective_batch(trainer, datamodule)
             write_run_summary(output_dir, trainer, status, time.perf_counter() - started, images, ending)
+    if isinstance(ending, NoTrainingSteps):
+        log.error("failed: %s", ending)
+        raise SystemExit(1)
     if status == "diverged":
         return stop_diverged(trainer, ending)
     if status == "interrupted":
@@ -157,10 +202,21 @@ def write_run_summary(
         "wall_time_s": wall_time_s,
         "global_step": trainer.global_step,
         "last_checkpoint": _last_checkpoint(trainer),
-        "message": None if ending is None else str(ending) or type(ending).__name__,
+        "message": None if ending is None else _first_line(ending),
         "output_dir": str(output_dir),
     }
     write_text(output_dir / RUN_SUMMARY, json.dumps(run, indent=2, allow_nan=False))
+
+
+def _first_line(error: BaseException) -> str:
+    """The error in one line; for an error a loader worker raised, the worker's own (torch wraps it in a
+    "Caught ... in DataLoader worker process N" whose text carries the original traceback)."""
+    lines = str(error).strip().splitlines()
+    if "Original Traceback" in str(error):
+        raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)]
+        if raised:
+            return raised[-1]
+    return lines[0] if lines else type(error).__name__
 
 
 def summary(trainer: L.Trainer, output_dir: Path) -> str:

@@ -12,7 +12,12 @@ from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image
-from diffusion_lab.data.loaders import PrefetchAwareLoader, rank_and_world_size, stream_loader
+from diffusion_lab.data.loaders import (
+    PrefetchAwareLoader,
+    rank_and_world_size,
+    require_a_batch,
+    stream_loader,
+)
 from diffusion_lab.data.pixel_cache import (
     PixelCache,
     build_pixel_cache,
@@ -317,6 +322,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> PrefetchAwareLoader:
         # The stream shards and shuffles itself; Lightning checkpoints the loader's state (the position).
+        dataset, world_size = self.train_set.dataset, rank_and_world_size(self.trainer).get("world_size", 1)
+        if not isinstance(dataset, datasets.IterableDataset) and self.bucket_set is None:
+            # a local split is finite: a batch larger than a process's share would repeat images within it
+            require_a_batch(len(dataset) // world_size, self.hparams.batch_size, len(dataset), world_size)
         return self._loader(self.train_set, "train" in self.pixel_caches)
 
     def val_dataloader(self) -> PrefetchAwareLoader:

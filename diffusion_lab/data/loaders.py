@@ -7,6 +7,9 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.runs.children import die_with_parent
+
 
 def resumable_loader(
     dataset: Dataset,
@@ -28,6 +31,8 @@ def resumable_loader(
     batch instead of replaying the epoch.
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    if drop_last:
+        require_a_batch(len(sampler), batch_size, len(dataset), world_size)
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
@@ -39,11 +44,28 @@ def resumable_loader(
     )
 
 
+def require_a_batch(rows_per_rank: int, batch_size: int, rows: int, world_size: int) -> None:
+    """A batch larger than a finite training split trains nothing: say so with the numbers, before training."""
+    if rows_per_rank < batch_size:
+        per_rank = (
+            f"{rows_per_rank} per process ({rows} rows / {world_size} processes)"
+            if world_size > 1
+            else f"{rows}"
+        )
+        raise ConfigError(
+            f"data.batch_size={batch_size} is larger than the training split: {per_rank} rows after the held-out "
+            f"split, so not one batch can be made; use data.batch_size<={rows_per_rank}"
+        )
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C reaches the whole process group and schedulers signal every process: a worker that died of it
-    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.runs.signals`)."""
+    would fail the next batch before the trainer could stop cleanly (`diffusion_lab.runs.signals`). Deaf to
+    SIGTERM, a worker must still never outlive its trainer: the kernel kills it when its parent dies, and a
+    failing run kills its workers (`runs.children`)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning installs when no worker_init_fn is given
         pl_worker_init_function(worker_id)
 

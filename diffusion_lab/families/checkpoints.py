@@ -1,5 +1,6 @@
 """Lightning checkpoints read without Lightning: described diffusers components, trained and EMA weights."""
 
+import zipfile
 from pathlib import Path
 
 import diffusers
@@ -67,6 +68,10 @@ def trained_scheduler(checkpoint: dict):
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint as a dict, memory-mapped (no second copy of its tensors)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (not a torch.save archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:

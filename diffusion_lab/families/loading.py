@@ -21,7 +21,19 @@ def _pipeline_index(name_or_path: str, revision: str | None) -> dict:
             f"pretrained={name_or_path}: no model_index.json, not a diffusers pipeline folder "
             "(a LoRA folder goes in lora=, on top of pretrained=<its base model>)"
         )
-    return dict(DiffusionPipeline.load_config(name_or_path, revision=revision))
+    index = dict(DiffusionPipeline.load_config(name_or_path, revision=revision))
+    if folder.is_dir():
+        missing = [
+            name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+            and not (folder / name).is_dir()
+        ]  # fmt: skip
+        if missing:
+            raise ConfigError(
+                f"pretrained={name_or_path}: the pipeline folder lacks {', '.join(f'{m}/' for m in missing)}, which "
+                "its model_index.json lists"
+            )
+    return index
 
 
 def _from_pipeline(name_or_path: str, revision: str | None, lora: str | None, dtype: torch.dtype | None):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from diffusion_lab.generation.samplers import Sampler, SampleSettings
 from diffusion_lab.images import save_grid, save_image
 from diffusion_lab.runs.atomic import write_text
+from diffusion_lab.runs.signals import stop_if_requested
 
 GRID_IMAGES = 256  # a grid is for looking at; more would only cost memory
 
@@ -90,6 +91,7 @@ def generate(
     """Yield (first index, images in [-1, 1] on the CPU) batch by batch, with a progress bar over images."""
     with tqdm(total=len(plan), desc=description, unit="img", disable=not progress) as bar:
         for start in range(0, len(plan), batch_size):
+            stop_if_requested()
             rows = plan.rows(start, min(start + batch_size, len(plan)))
             images = sampler.generate(
                 rows["seeds"], settings, class_labels=rows["class_labels"], prompts=rows["prompts"],

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lab.metrics.protocol import as_rgb_uint8, prepare_for_extractor
 from diffusion_lab.runs.atomic import write_file
+from diffusion_lab.runs.signals import stop_if_requested
 
 log = logging.getLogger(__name__)
 # Bumped when stored features change meaning: 2 = `clean` resizes in float like clean-fid (1 rounded to uint8).
@@ -47,6 +48,7 @@ def extract_features(
     features, logits, captions = [], [], []
     try:
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
+            stop_if_requested()
             images, batch_captions = batch if isinstance(batch, tuple) else (batch, None)
             images = prepare_for_extractor(
                 as_rgb_uint8(images), protocol, getattr(extractor, "input_size", None)

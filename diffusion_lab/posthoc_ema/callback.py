@@ -1,6 +1,7 @@
 """Two power-function EMA profiles of the trainable network, snapshotted for post-hoc EMA (`diffusion-lab ema`)."""
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class PostHocEMA(L.Callback):
     it resumes from are moved to `<out_dir>/abandoned/`), updated on every rank alike (DDP keeps the weights
     equal) and written by rank 0 only. Not under FSDP, where each rank holds a shard of the weights.
     """
+
+    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class PostHocEMA(L.Callback):
                 "would start there while their snapshots claim the whole run. Add it from the start"
             )
         if trainer.is_global_zero and self.out_dir.is_dir():  # a crashed attempt's snapshots past this point
-            later = [s["path"] for s in read_snapshots(self.out_dir) if s["step"] > trainer.global_step]
+            later = [s["path"] for s in read_snapshots(self.out_dir)[0] if s["step"] > trainer.global_step]
             if later:
                 (self.out_dir / "abandoned").mkdir(exist_ok=True)
                 for path in later:
@@ -138,7 +141,8 @@ class PostHocEMA(L.Callback):
                 name: tensor.to("cpu", dtype).contiguous()
                 for name, tensor in zip(names, profile, strict=True)
             }
-            metadata = {"step": str(step), "sigma_rel": repr(sigma_rel), "gamma": repr(gamma)}
+            metadata = {"step": str(step), "sigma_rel": repr(sigma_rel), "gamma": repr(gamma),
+                        "sha256": tensors_checksum(tensors)}  # fmt: skip
             path = self.out_dir / snapshot_name(step, sigma_rel)
             write_file(path, functools.partial(_save, tensors, metadata))
         log.info("post-hoc EMA: snapshots of step %d in %s", step, self.out_dir)
@@ -170,20 +174,51 @@ def snapshot_name(step: int, sigma_rel: float) -> str:
     return f"{step:07d}_sigma{sigma_rel:.4f}.safetensors"
 
 
-def read_snapshots(folder: str | Path) -> list[dict]:
-    """Every snapshot in `folder`, sorted by (step, gamma): dicts of `step`, `sigma_rel`, `gamma`, `path`."""
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_snapshots(folder: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """(every readable snapshot in `folder`, sorted by (step, gamma): dicts of `step`, `sigma_rel`, `gamma`,
+    `path`, `sha256`; the files that could not be read, each with the reason)."""
     from safetensors import safe_open
 
-    snapshots = []
+    snapshots, bad = [], []
     for path in sorted(Path(folder).glob("*_sigma*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if {"step", "sigma_rel", "gamma"} <= metadata.keys():
-            snapshots.append(
-                {"step": int(metadata["step"]), "sigma_rel": float(metadata["sigma_rel"]),
-                 "gamma": float(metadata["gamma"]), "path": path}
-            )  # fmt: skip
-    return sorted(snapshots, key=lambda s: (s["step"], s["gamma"]))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:  # truncated, not safetensors: named, not a bare SafetensorError
+            bad.append((path, f"unreadable ({error})"))
+            continue
+        if not {"step", "sigma_rel", "gamma"} <= metadata.keys():
+            bad.append((path, "no step / sigma_rel / gamma in its metadata"))
+            continue
+        snapshots.append(
+            {"step": int(metadata["step"]), "sigma_rel": float(metadata["sigma_rel"]),
+             "gamma": float(metadata["gamma"]), "path": path, "sha256": metadata.get("sha256")}
+        )  # fmt: skip
+    return sorted(snapshots, key=lambda s: (s["step"], s["gamma"])), bad
+
+
+def verify_snapshot(snapshot: dict) -> str | None:
+    """Why the snapshot's tensors do not match the checksum written with them, or None when they do (or it
+    predates checksums)."""
+    if snapshot.get("sha256") is None:
+        return None
+    try:
+        tensors = load_file(str(snapshot["path"]))
+    except Exception as error:
+        return f"unreadable ({error})"
+    if tensors_checksum(tensors) != snapshot["sha256"]:
+        return "its tensors do not match the checksum written with them (flipped or overwritten bytes)"
+    return None
 
 
 def load_snapshot(path: str | Path, names: list[str]) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ config (the data the FID reference comes from).
 """
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from diffusion_lab.callbacks.ema import trainable_names
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.posthoc_ema.callback import load_snapshot, read_snapshots
+from diffusion_lab.posthoc_ema.callback import load_snapshot, read_snapshots, verify_snapshot
 from diffusion_lab.posthoc_ema.power import sigma_rel_to_gamma, solve_weights
 from diffusion_lab.runs.atomic import write_file, write_text
 
+log = logging.getLogger(__name__)
 SIGMA_GRID = np.geomspace(0.002, 0.285, 120)
 
 
@@ -31,28 +34,36 @@ class RunFiles:
     config: dict
 
     @classmethod
-    def of(cls, run: str | Path) -> "RunFiles":
+    def of(cls, run: str | Path, skip_bad: bool = False) -> "RunFiles":
+        """The run's files; every snapshot is verified against its checksum first. A bad one is named with its
+        reason and refused, or with `skip_bad` dropped with a warning."""
         folder = Path(run).expanduser()
         config_path = folder / "config.yaml"
         if not config_path.is_file():
             raise ConfigError(f"run={folder}: no config.yaml, not a `diffusion-lab train` run folder")
         config = OmegaConf.to_container(OmegaConf.load(config_path))
-        posthoc = (config.get("callbacks") or {}).get("posthoc_ema")
-        snapshot_dir = Path(posthoc["out_dir"]) if posthoc else folder / "ema_snapshots"
-        if not snapshot_dir.is_dir():  # the run folder was moved since
-            snapshot_dir = folder / "ema_snapshots"
-        snapshots = read_snapshots(snapshot_dir) if snapshot_dir.is_dir() else []
-        if not snapshots:
-            raise ConfigError(
-                f"run={folder}: no EMA snapshots in {snapshot_dir}; train with callbacks=[default,posthoc_ema] "
-                "(text-to-image: callbacks=[text_to_image,posthoc_ema])"
-            )
+        snapshot_dir = folder / _snapshots_within_run(config)
+        snapshots, bad = read_snapshots(snapshot_dir) if snapshot_dir.is_dir() else ([], [])
         checkpoint = folder / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():
             raise ConfigError(f"run={folder}: no checkpoints/last.ckpt to take the network from")
         step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
         if step is not None:  # the lengths are of the checkpoint's run, not of a later attempt that crashed
             snapshots = [s for s in snapshots if s["step"] <= step]
+        bad += [(s["path"], reason) for s in tqdm(snapshots, desc="verifying snapshots", unit="file")
+                if (reason := verify_snapshot(s)) is not None]  # fmt: skip
+        if bad:
+            listed = "; ".join(f"{path}: {reason}" for path, reason in bad)
+            if not skip_bad:
+                raise ConfigError(f"{len(bad)} bad EMA snapshot(s): {listed}. skip_bad=true drops them")
+            log.warning("dropping %d bad EMA snapshot(s): %s", len(bad), listed)
+            dropped = {path for path, _ in bad}
+            snapshots = [s for s in snapshots if s["path"] not in dropped]
+        if not snapshots:
+            raise ConfigError(
+                f"run={folder}: no usable EMA snapshots in {snapshot_dir}; train with "
+                "callbacks=[default,posthoc_ema] (text-to-image: callbacks=[text_to_image,posthoc_ema])"
+            )
         return cls(folder, checkpoint, snapshots, config)
 
     @property
@@ -62,6 +73,19 @@ class RunFiles:
     def fixed_ema(self) -> dict | None:
         """The run's fixed-decay EMA callback settings, if it had one."""
         return (self.config.get("callbacks") or {}).get("ema")
+
+
+def _snapshots_within_run(config: dict) -> Path:
+    """Where the snapshots are, relative to the run folder: a copied or moved run reads its own, never the
+    absolute path its config recorded."""
+    posthoc = (config.get("callbacks") or {}).get("posthoc_ema") or {}
+    recorded, run_dir = posthoc.get("out_dir"), (config.get("paths") or {}).get("output_dir")
+    if recorded and run_dir:
+        try:
+            return Path(recorded).relative_to(run_dir)
+        except ValueError:
+            pass
+    return Path("ema_snapshots")
 
 
 def profile_error(snapshots: list[dict], sigma_rel: float) -> float:

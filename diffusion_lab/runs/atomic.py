@@ -14,8 +14,11 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from diffusion_lab.errors import ConfigError
 
 # .<name>.tmp-<host>-<pid>: hidden, tied to its writer (a pid means something on its own host only: caches
 # are shared over NFS by jobs on several nodes), never mistaken for a `*.ckpt` or `*.png`.
@@ -174,3 +177,15 @@ def write_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return write_file(path, lambda temporary: temporary.write_text(text))
+
+
+def require_writable(folder: str | Path) -> None:
+    """One line naming the folder, before anything is written, where it cannot be written (a read-only mount,
+    no permission): the first file written there would otherwise fail deep in a library."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_check_"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"the run folder {folder} cannot be written ({error.strerror or error})") from None

@@ -32,6 +32,14 @@ def requested_stop() -> int | None:
     return _received[0] if _received else None
 
 
+def stop_if_requested() -> None:
+    """A safe point of long work (a batch of samples, of reference features, an export): stop here when a
+    signal asked to (`RunInterrupted`, exit 128 + its number), instead of finishing work a scheduler's grace
+    period would cut off anyway."""
+    if _received:
+        raise RunInterrupted(_received[0])
+
+
 def _note(signum: int, frame) -> None:
     if _received:  # the second one: stop now
         raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)

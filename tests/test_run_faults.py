@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffusion_lab.cli import main
 from diffusion_lab.runs.run_lock import LOCK_NAME
-from tests.test_commands import ENV, cli
+from tests.test_commands import ENV
 
 
 def refused(capsys, *args: str) -> str:
@@ -74,41 +74,69 @@ def test_a_fatal_error_in_a_loader_worker_ends_the_run_within_seconds(tmp_path, 
     while process.poll() is None and time.monotonic() - started < 120:
         seen_workers |= set(children_of(process.pid))
         time.sleep(0.2)
-    assert process.poll() is not None, "the run hung after its loader failed"
+    assert process.poll() is not None, "the run hung after its loader failed"  # it used to wait until killed
     assert process.returncode == 1, process.communicate()[1][-2000:]
+    assert time.monotonic() - started < 60  # startup (~10 s on 2 cores), a few steps and the failure
     summary = summary_of(run_dir)
     assert summary["status"] == "failed" and "data.max_bad_fraction" in summary["message"]
     time.sleep(0.5)
+    assert seen_workers, "the run was meant to have loader workers"
     assert not [pid for pid in seen_workers if Path(f"/proc/{pid}").exists()], (
         "a loader worker outlived the run"
     )
     assert not (run_dir / LOCK_NAME).exists()
 
 
-@pytest.mark.slow
+def test_a_fatal_error_in_a_callback_ends_the_run_and_kills_its_workers(tmp_path):
+    import multiprocessing
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "debug=fast", "data.num_workers=2", "trainer.max_steps=50", f"hydra.run.dir={tmp_path}",
+              "+callbacks.fail._target_=tests.injection.RaiseAt", "+callbacks.fail.step=3",
+              "callbacks.progress_bar.refresh_rate=0"])  # fmt: skip
+    assert exit_.value.code == 1
+    assert not multiprocessing.active_children(), "a loader worker outlived the failed run"
+    summary = summary_of(tmp_path)
+    assert summary["status"] == "failed" and summary["message"] == "injected failure at step 3"
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_run_that_ends_without_an_optimizer_step_is_failed_not_finished(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "debug=fast", "trainer.limit_train_batches=0", f"hydra.run.dir={tmp_path}",
+              "callbacks.progress_bar.refresh_rate=0"])  # fmt: skip
+    assert exit_.value.code == 1
+    summary = summary_of(tmp_path)
+    assert summary["status"] == "failed" and "without one optimizer step" in summary["message"]
+
+
 def test_sigterm_during_the_final_fid_exits_143_and_the_resume_does_only_that_work(tmp_path):
-    # The FID is the last end-of-run work; the export before it was written, the score was not.
+    # The FID is the last end-of-run work: the grid and the export before it were done, the score was not.
     args = ["train", "debug=fast", "data.image_size=16", "callbacks=[default,sample_quality]",
             "feature_extractor@callbacks.sample_quality.feature_extractor=random_conv",
             "callbacks.sample_quality.num_samples=256", "callbacks.sample_quality.batch_size=16",
             "callbacks.progress_bar.refresh_rate=0", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    straight = tmp_path / "straight"
-    cli(*args, f"hydra.run.dir={straight}")
-    run_dir = tmp_path / "stopped"
-    stopped = cli(*args, f"hydra.run.dir={run_dir}", "callbacks.sample_quality._target_=tests.injection.SignalledDuringFinalScore",
-                  check=False)  # fmt: skip
-    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    straight, run_dir = tmp_path / "straight", tmp_path / "stopped"
+    main([*args, f"hydra.run.dir={straight}"])
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, f"hydra.run.dir={run_dir}",
+              "callbacks.sample_quality._target_=tests.injection.SignalledDuringFinalScore"])  # fmt: skip
+    assert exit_.value.code == 143
     assert summary_of(run_dir)["status"] == "interrupted"
     assert not (run_dir / "sample_quality.csv").exists()
+    exported = (run_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
 
-    resumed = cli(*args, f"hydra.run.dir={run_dir}", "ckpt_path=last")
-    assert "finishing the end-of-run work" in resumed.stdout + resumed.stderr
+    main([*args, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    assert "finishing the end-of-run work" in (run_dir / "train.log").read_text()
     summary = summary_of(run_dir)
     assert summary["status"] == "finished" and summary["global_step"] == 6
     assert summary["val/fid"] == summary_of(straight)["val/fid"]  # the same weights, samples and score
     assert (run_dir / "samples" / "final.png").read_bytes() == (
         straight / "samples" / "final.png"
     ).read_bytes()
+    assert (
+        run_dir / "pipeline" / "model_index.json"
+    ).stat().st_mtime_ns == exported  # done before: not redone
 
 
 def test_a_second_job_on_a_live_runs_folder_is_refused(capsys, tmp_path):
@@ -253,13 +281,12 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(capsys, tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-@pytest.mark.slow
-def test_bad_snapshots_are_named_dropped_on_request_and_a_copied_run_reads_its_own(tmp_path):
+def test_bad_snapshots_are_named_dropped_on_request_and_a_copied_run_reads_its_own(capsys, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    cli("train", "debug=fast", "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
-        "trainer.max_steps=8", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    main(["train", "debug=fast", "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
+          "trainer.max_steps=8", f"hydra.run.dir={run}", "callbacks.progress_bar.refresh_rate=0"])  # fmt: skip
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     shutil.rmtree(run / "ema_snapshots")  # the copy's config still names these: it must read its own
@@ -269,16 +296,17 @@ def test_bad_snapshots_are_named_dropped_on_request_and_a_copied_run_reads_its_o
     data[-1000:] = bytes(byte ^ 0xFF for byte in data[-1000:])  # tensor bytes, the header left whole
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:50])
+    capsys.readouterr()
 
-    refusal = cli("ema", f"run={copy}", "sigma_rel=0.1", check=False)
-    output = refusal.stdout + refusal.stderr
-    assert refusal.returncode == 2 and "2 bad EMA snapshot(s)" in output
+    output = refused(capsys, "ema", f"run={copy}", "sigma_rel=0.1")
+    assert "2 bad EMA snapshot(s)" in output
     assert (
         f"{flipped}: its tensors do not match the checksum" in output and f"{truncated}: unreadable" in output
     )
 
-    dropped = cli("ema", f"run={copy}", "sigma_rel=0.1", "skip_bad=true", f"out_dir={tmp_path / 'sweep'}")
-    output = dropped.stdout + dropped.stderr
+    main(["ema", f"run={copy}", "sigma_rel=0.1", "skip_bad=true", f"out_dir={tmp_path / 'sweep'}"])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
     assert (
         "dropping 2 bad EMA snapshot(s)" in output and "6 snapshots up to step 8 rebuild sigma_rel" in output
     )

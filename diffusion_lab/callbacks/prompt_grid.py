@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.end_of_run import EndOfRunWork
 from diffusion_lab.callbacks.family_check import require_grid
 from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.core.schedulers import check_scheduler_name
@@ -15,14 +16,12 @@ from diffusion_lab.images import save_grid
 from diffusion_lab.runs.signals import stop_if_requested
 
 
-class PromptGrid(L.Callback):
+class PromptGrid(EndOfRunWork):
     """Every `every_n_steps` optimizer steps and at the end: `<out_dir>/step_<7 digits>.png` and `final.png`.
 
     One row per prompt, one column per seed; the same prompts, seeds, guidance scale and negative prompt every
     time, so successive grids show one model getting better. Uses the EMA weights when EMA is on.
     """
-
-    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -76,5 +75,5 @@ class PromptGrid(L.Callback):
             self._write(trainer, pl_module, f"step_{step:07d}")
 
     @rank_zero_only
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def finish_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "final")

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.end_of_run import EndOfRunWork
 from diffusion_lab.callbacks.family_check import require_grid
 from diffusion_lab.callbacks.image_logging import log_image_file
 from diffusion_lab.core.schedulers import check_scheduler_name
@@ -15,15 +16,13 @@ from diffusion_lab.images import save_grid
 from diffusion_lab.runs.signals import stop_if_requested
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(EndOfRunWork):
     """Writes `<out_dir>/step_<global step, 7 digits>.png` at each validation and `<out_dir>/final.png` at the end.
 
     The same seeds every time (image k: seed + k, as `diffusion-lab sample`), so successive grids show the same
     noise being denoised by a better model. A class-conditional net gets labels 0, 1, 2, ... cycling over its
     classes.
     """
-
-    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -65,6 +64,6 @@ class SampleGrid(L.Callback):
             self._write(trainer, pl_module, f"step_{trainer.global_step:07d}")
 
     @rank_zero_only
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def finish_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with ema_weights(trainer, pl_module):
             self._write(trainer, pl_module, "final")

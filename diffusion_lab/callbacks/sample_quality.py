@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.callbacks.end_of_run import EndOfRunWork
 from diffusion_lab.core.schedulers import check_scheduler_name
 from diffusion_lab.generation import SampleSettings
 from diffusion_lab.metrics.evaluation import evaluation_plan, score_sampler
@@ -36,7 +37,7 @@ def describe_scores(scores: dict) -> str:
     )
 
 
-class SampleQuality(L.Callback):
+class SampleQuality(EndOfRunWork):
     """Every `every_n_steps` optimizer steps (and at the end): `num_samples` images from the EMA weights,
     the same seeds each time, scored against every image of the data's `reference_split`.
 
@@ -46,8 +47,6 @@ class SampleQuality(L.Callback):
     (training draws the same random numbers with or without it); the extractor and generated images leave
     the GPU afterwards.
     """
-
-    end_of_run = True  # work a resumed run with no step left still does (commands.train)
 
     def __init__(
         self,
@@ -161,7 +160,7 @@ class SampleQuality(L.Callback):
             self.evaluate(trainer, pl_module)
 
     @rank_zero_only
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def finish_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end and trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.evaluate(trainer, pl_module)

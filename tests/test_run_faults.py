@@ -311,3 +311,18 @@ def test_bad_snapshots_are_named_dropped_on_request_and_a_copied_run_reads_its_o
         "dropping 2 bad EMA snapshot(s)" in output and "6 snapshots up to step 8 rebuild sigma_rel" in output
     )
     assert (tmp_path / "sweep" / "sigma_0.100" / "model_index.json").exists()
+
+
+def test_a_checkpoint_whose_weights_changed_after_writing_is_refused(capsys, tmp_path, trained_run):
+    import torch
+
+    run_dir, _ = trained_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict_sha256"]  # written with every checkpoint
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name].view(-1)[0] += 1.0  # one changed weight, the checksum left as written
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(checkpoint, damaged)
+    output = refused(capsys, "export", f"ckpt_path={damaged}", f"out_dir={tmp_path / 'out'}")
+    assert f"ckpt_path={damaged}: its weights do not match the checksum" in output
+    assert not (tmp_path / "out").exists()

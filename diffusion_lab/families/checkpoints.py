@@ -10,6 +10,7 @@ from diffusion_lab.compat.diffusers import explicit_config
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.base import Family, ModelParts
 from diffusion_lab.families.registry import family_of_checkpoint
+from diffusion_lab.runs.checksums import verify_checkpoint
 
 
 def describe_components(**components) -> dict:
@@ -73,9 +74,11 @@ def read_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (not a torch.save archive)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         raise ConfigError(f"ckpt_path={path}: not a readable Lightning checkpoint ({error})") from None
+    verify_checkpoint(checkpoint, f"ckpt_path={path}")
+    return checkpoint
 
 
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Family, ModelParts, dict]:

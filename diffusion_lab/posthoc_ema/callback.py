@@ -1,7 +1,6 @@
 """Two power-function EMA profiles of the trainable network, snapshotted for post-hoc EMA (`diffusion-lab ema`)."""
 
 import functools
-import hashlib
 import logging
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.posthoc_ema.power import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.runs.atomic import write_file
+from diffusion_lab.runs.checksums import tensors_checksum
 
 log = logging.getLogger(__name__)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -172,16 +172,6 @@ def _save(tensors: dict, metadata: dict, path: Path) -> None:
 
 def snapshot_name(step: int, sigma_rel: float) -> str:
     return f"{step:07d}_sigma{sigma_rel:.4f}.safetensors"
-
-
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def read_snapshots(folder: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:

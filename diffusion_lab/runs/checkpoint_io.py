@@ -7,6 +7,7 @@ import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from diffusion_lab.runs.atomic import write_file
+from diffusion_lab.runs.checksums import CHECKSUM_KEY, tensors_checksum
 from diffusion_lab.runs.finite import require_finite
 
 
@@ -19,6 +20,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         require_finite(checkpoint.get("state_dict", {}).items(), f"to checkpoint {path}")
+        checkpoint[CHECKSUM_KEY] = tensors_checksum(checkpoint.get("state_dict", {}))
         write_file(Path(path), lambda temporary: _save(checkpoint, temporary))
         return None
 

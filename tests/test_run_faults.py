@@ -326,3 +326,13 @@ def test_a_checkpoint_whose_weights_changed_after_writing_is_refused(capsys, tmp
     output = refused(capsys, "export", f"ckpt_path={damaged}", f"out_dir={tmp_path / 'out'}")
     assert f"ckpt_path={damaged}: its weights do not match the checksum" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_lock_holder_keeps_its_heartbeat_fresh_and_releases_on_exit(tmp_path):
+    from diffusion_lab.runs.run_lock import RunLock
+
+    with RunLock(tmp_path, heartbeat_s=0.05):
+        first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
+        time.sleep(0.3)
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first
+    assert not (tmp_path / LOCK_NAME).exists()

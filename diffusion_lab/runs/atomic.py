@@ -38,7 +38,8 @@ def _temporary_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             if not match or match.group(1) != _HOST:
                 continue
             pid = int(match.group(2))
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not process_alive(pid):
                 set_aside = _SET_ASIDE.match(entry.name)
                 if set_aside and not (entry.parent / set_aside.group(1)).exists():
                     os.replace(entry, entry.parent / set_aside.group(1))  # killed between the two renames

@@ -17,21 +17,12 @@ import time
 from pathlib import Path
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.runs.atomic import process_alive, write_text
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".diffusion_lab.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0  # six missed heartbeats
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 class RunLock:
@@ -68,7 +59,7 @@ class RunLock:
         if not holder:
             return True
         if holder.get("host") == self.holder["host"]:
-            return not _alive(int(holder.get("pid", -1)))
+            return not process_alive(int(holder.get("pid", -1)))
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
     def acquire(self) -> "RunLock":
@@ -103,9 +94,7 @@ class RunLock:
             current = self.read() or {}
             if current.get("pid") != self.holder["pid"] or current.get("host") != self.holder["host"]:
                 return  # taken over: no longer ours to refresh
-            staging = self.path.with_name(self.path.name + f".{os.getpid()}")
-            staging.write_text(json.dumps({**self.holder, "heartbeat": time.time()}))
-            os.replace(staging, self.path)
+            write_text(self.path, json.dumps({**self.holder, "heartbeat": time.time()}))
 
     def release(self) -> None:
         self._stop.set()

@@ -16,14 +16,7 @@ from PIL import Image
 from diffusion_lab.cli import main
 from diffusion_lab.runs.run_lock import LOCK_NAME
 from tests.test_commands import ENV
-
-
-def refused(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    assert exit_.value.code == 2
-    captured = capsys.readouterr()
-    return captured.out + captured.err
+from tests.test_renamed import refused
 
 
 def summary_of(run_dir: Path) -> dict:
@@ -202,6 +195,18 @@ def test_a_resume_at_another_resolution_names_the_keys_that_differ(capsys, tmp_p
     assert "data.image_size: 8 in the checkpoint, 16 now" in output
 
 
+def bad_models(run_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """(a text file, a copy of the run's pipeline folder without its unet/)."""
+    import shutil
+
+    text = folder / "notes.txt"
+    text.write_text("not a model")
+    broken = folder / "broken"
+    shutil.copytree(run_dir / "pipeline", broken)
+    shutil.rmtree(broken / "unet")
+    return text, broken
+
+
 @pytest.mark.parametrize(
     ("command", "arguments", "message"),
     [
@@ -225,11 +230,7 @@ def test_bad_export_eval_and_ema_inputs_are_one_line(
     capsys, tmp_path, trained_run, command, arguments, message
 ):
     run_dir, _ = trained_run
-    text = tmp_path / "notes.txt"
-    text.write_text("not a model")
-    broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(run_dir / "pipeline"), str(broken)], check=True)
-    subprocess.run(["rm", "-r", str(broken / "unet")], check=True)
+    text, broken = bad_models(run_dir, tmp_path)
     filled = [a.format(text=text, broken=broken, out=tmp_path / "out", missing=tmp_path / "none.ckpt",
                        ckpt=run_dir / "checkpoints" / "last.ckpt", run=run_dir) for a in arguments]  # fmt: skip
     output = refused(capsys, command, *filled)
@@ -250,11 +251,7 @@ def test_bad_sample_inputs_are_one_line_and_leave_no_output_folder(
     capsys, tmp_path, trained_run, arguments, message
 ):
     run_dir, _ = trained_run
-    text = tmp_path / "notes.txt"
-    text.write_text("not a model")
-    broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(run_dir / "pipeline"), str(broken)], check=True)
-    subprocess.run(["rm", "-r", str(broken / "unet")], check=True)
+    text, broken = bad_models(run_dir, tmp_path)
     model = (
         []
         if any(a.startswith(("ckpt_path", "pretrained")) for a in arguments)

@@ -8,8 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.run_config import RUN_CONFIG
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.families.checkpoints import current_key
-from diffusion_lab.runs.checksums import verify_checkpoint
+from diffusion_lab.families.checkpoints import current_key, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ def config_differences(before: dict, now: dict, prefix: str) -> list[str]:
 def check_same_architecture(path: Path, model: torch.nn.Module, cfg: DictConfig) -> int:
     """Raise `ConfigError` naming the config keys that differ when the checkpoint's tensors do not fit `model`
     (instead of Lightning's hundreds of `size mismatch` lines); returns the checkpoint's step."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    verify_checkpoint(checkpoint, f"ckpt_path={path}")
+    checkpoint = read_checkpoint(path)  # (checksum verified)
     saved = {current_key(key): value for key, value in checkpoint.get("state_dict", {}).items()}
     current = model.state_dict()
     misfits = [key for key in saved if key not in current or saved[key].shape != current[key].shape]

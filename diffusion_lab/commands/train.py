@@ -94,20 +94,17 @@ def _train(cfg: DictConfig, output_dir: Path) -> float | None:
                 finish_run(trainer, model)
         status = "finished"
         if trainer.global_step == resume_step and trainer.max_steps != resume_step:
-            status, ending = (
-                "failed",
-                NoTrainingSteps(
-                    f"the run ended at step {trainer.global_step} without one optimizer step (the training data gave "
-                    "no batch): see data.batch_size and the size of the training split"
-                ),
+            status = "failed"
+            ending = NoTrainingSteps(
+                f"the run ended at step {trainer.global_step} without one optimizer step (the training data "
+                "gave no batch): see data.batch_size and the size of the training split"
             )
     except (Diverged, NonFiniteWeights) as error:
         status, ending = "diverged", error
     except SystemExit as error:  # RunInterrupted, Lightning's SIGTERMException, a second Ctrl-C
         status, ending = "interrupted", error
-    except (
-        BaseException
-    ) as error:  # a fatal error, wherever it was raised (a loader worker, a callback, the step)
+    # a fatal error, wherever it was raised (a loader worker, a callback, the step)
+    except BaseException as error:
         ending = error
         kill_children()  # loader workers ignore SIGTERM: without this the exit waits on them forever
         raise

@@ -38,12 +38,13 @@ BENCH_CASES = {
     "data": ("diffusion_lab.benchmarks.data_loading", "bench_data", "bench_data"),
     "sampling": ("diffusion_lab.benchmarks.sampling", "bench_sampling", "bench_sampling"),
     "latent_cache": ("diffusion_lab.benchmarks.latent_cache", "bench_latent_cache", "bench_latent_cache"),
+    "quality": ("diffusion_lab.benchmarks.quality", "bench_quality", "bench_quality"),
 }
 
 USAGE = f"""usage: diffusion-lab COMMAND [key=value ...] [-m] [--cfg job] [--help]
 
 commands:
-  train              train a model (no arguments: DDPM on the embedded digits)
+  train              train a model (no arguments: flow matching on the embedded digits)
   sample             images from a Lightning checkpoint (ckpt_path=FILE) or a diffusers pipeline
                      (pretrained=DIR_OR_HUB_ID): out_dir=DIR
   eval               FID / KID (+ IS, CLIP score) as one JSON line: images=DIR, ckpt_path=... or
@@ -52,7 +53,7 @@ commands:
   ema                post-hoc EMA lengths of a run (callbacks=[default,posthoc_ema]): run=DIR
                      sigma_rel=0.03,0.05,0.1,0.2 [score=true]
   tiny-sd            write a tiny random Stable Diffusion folder for CPU tests: out_dir=DIR
-  bench CASE         measure throughput; cases: {", ".join(BENCH_CASES)}
+  bench CASE         measure throughput (quality: FID beside denoising_diffusion_pytorch); cases: {", ".join(BENCH_CASES)}
 
 Every config value is overridable (model.lr=1e-4 trainer.max_steps=500); `--help` after a command lists
 its config groups. Configs: the package {CONFIG_MODULE} (conf/ in a checkout)

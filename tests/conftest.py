@@ -29,6 +29,13 @@ TINY = [
     "callbacks.sample_grid.num_inference_steps=2",
     "model.lr_scheduler.num_warmup_steps=2",
 ]
+# The pixel DDPM, the default before flow matching (issue 22): linear betas, epsilon, uniform timesteps.
+# Tests of DDPM itself (prediction types, zero terminal SNR, DDIM) name it instead of relying on the default.
+DDPM_LINEAR = [
+    "model/noise_scheduler=ddpm_linear",
+    "model/objective=ddpm",
+    "model/objective/timesteps=uniform",
+]
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from tests.conftest import DDPM_LINEAR
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
@@ -89,6 +91,7 @@ def test_bench_train_prints_one_json_line_with_both_sides():
     result = cli(
         "bench",
         "train",
+        *DDPM_LINEAR,  # the plain side is the diffusers DDPM tutorial's loop (add_noise, epsilon)
         "model/net=unet_tiny",
         "data.image_size=8",
         "batch_size=4",
@@ -116,8 +119,8 @@ def test_bench_latent_cache_prints_cached_and_uncached_speeds(tmp_path):
 
 
 def test_bench_sampling_counts_network_evaluations_per_sampler():
-    result = cli("bench", "sampling", "model/net=unet_tiny", "data.image_size=8", "batch_size=2",
-                 "samplers.ddpm_1000.num_inference_steps=30")  # fmt: skip
+    result = cli("bench", "sampling", *DDPM_LINEAR, "model/net=unet_tiny", "data.image_size=8",
+                 "batch_size=2", "samplers.ddpm_1000.num_inference_steps=30")  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
     nfe = {name: entry["nfe_per_image"] for name, entry in report["samplers"].items()}
     assert nfe == {"ddpm_1000": 30, "ddim_50": 50, "dpmpp_20": 20, "unipc_10": 10}

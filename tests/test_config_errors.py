@@ -27,6 +27,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         ("data.batch_size=0", "data.batch_size=0: must be above 0"),
         ("model.lr=-1e-3", "model.lr=-0.001: must be above 0"),
         (
+            "model/noise_scheduler=ddpm_linear model/objective=ddpm "
             "model.noise_scheduler.rescale_betas_zero_snr=true",
             "zero terminal SNR needs a prediction that is defined at pure noise",
         ),

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.runs.overrides import CONFIG_MODULE
+from tests.conftest import DDPM_LINEAR
 
 CONFIG_ROOT = files(CONFIG_MODULE)
 
@@ -129,13 +130,14 @@ def test_every_net_builds_at_its_smallest_valid_size(compose_config, net):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["model/noise_scheduler=ddpm_cosine"],
+        ["model/noise_scheduler=ddpm_cosine", "model/objective=ddpm"],
         ["model/lr_scheduler=constant"],
         ["trainer=cpu"],
         ["trainer=gpu"],
         ["debug=fast"],
         ["callbacks=none"],
         [
+            *DDPM_LINEAR,
             "model.noise_scheduler.prediction_type=v_prediction",
             "model.noise_scheduler.rescale_betas_zero_snr=true",
         ],

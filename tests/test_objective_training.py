@@ -14,11 +14,12 @@ from diffusion_lab.core import weighting as weightings
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.models import LatentDiffusion
-from tests.conftest import TINY, bare_trainer
+from tests.conftest import DDPM_LINEAR, TINY, bare_trainer
 
 OBJECTIVES = {
-    "ddpm": ["model/objective=ddpm"],
+    "ddpm": DDPM_LINEAR,
     "ddpm_v_min_snr": [
+        *DDPM_LINEAR,
         "model.noise_scheduler.prediction_type=v_prediction",
         "model/objective/weighting=min_snr",
     ],
@@ -116,7 +117,7 @@ def test_a_flow_latent_checkpoint_exports_a_pipeline_with_flow_sigmas(tiny_sd, t
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     trainer.save_checkpoint(tmp_path / "flow.ckpt")
     sampler, _ = load_sampler(ckpt_path=str(tmp_path / "flow.ckpt"))
-    assert type(sampler.scheduler(SampleSettings())).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(sampler.scheduler(SampleSettings())).__name__ == "UniPCMultistepScheduler"  # the flow default
     for name in ("euler", "heun", "dpm++"):  # through StableDiffusionPipeline, which reads init_noise_sigma
         image = sampler.generate(
             [0], SampleSettings(scheduler=name, num_inference_steps=2), prompts=["a digit"]

@@ -1,5 +1,6 @@
-"""Objectives, timestep samplers and loss weightings: their identities, densities and formulas; the default
-config trains exactly what it trained before objectives existed; samplers follow the objective."""
+"""Objectives, timestep samplers and loss weightings: their identities, densities and formulas; the DDPM
+config (the default until issue 22) trains exactly what it trained before objectives existed; samplers follow
+the objective."""
 
 import math
 
@@ -15,7 +16,7 @@ from diffusion_lab.core import timesteps as samplers
 from diffusion_lab.core import weighting as weightings
 from diffusion_lab.core.schedulers import scheduler_from_name
 from diffusion_lab.errors import ConfigError
-from tests.conftest import TINY
+from tests.conftest import DDPM_LINEAR, TINY
 
 KEYS = sample_keys(0, 0, torch.arange(4000))
 
@@ -194,7 +195,7 @@ def test_resuming_under_another_objective_is_refused(compose_config, tmp_path):
     check_same_objective(tmp_path / "x.ckpt", flow_checkpoint, flow)
 
 
-# ---- the default is what it was ------------------------------------------------------------------------
+# ---- DDPM is what it was -------------------------------------------------------------------------------
 def _loss_before_objectives(net, noise_scheduler, x0, keys):
     """`core.loss.diffusion_loss` and the keyed draws as they were before this module existed (verbatim)."""
     import torch.nn.functional as F
@@ -211,13 +212,14 @@ def _loss_before_objectives(net, noise_scheduler, x0, keys):
     return (per_image * torch.ones_like(per_image)).mean()
 
 
-def test_the_default_config_trains_bit_identically_to_before(compose_config):
-    """Same seed, same weights: three optimizer steps of the default objective against the pre-objective loss."""
+def test_the_ddpm_config_trains_bit_identically_to_before(compose_config):
+    """Same seed, same weights: three optimizer steps of the DDPM objective (the default before issue 22)
+    against the pre-objective loss."""
     torch.manual_seed(0)
-    model = instantiate(compose_config(*TINY).model)
+    model = instantiate(compose_config(*TINY, *DDPM_LINEAR).model)
     assert isinstance(model.objective, DDPM) and isinstance(model.objective.timesteps, samplers.Uniform)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    reference = instantiate(compose_config(*TINY).model)
+    reference = instantiate(compose_config(*TINY, *DDPM_LINEAR).model)
     reference.net.load_state_dict(before)
     model.log = lambda *args, **kwargs: None
     optimizers = [torch.optim.AdamW(m.net.parameters(), lr=1e-3) for m in (model, reference)]
@@ -256,7 +258,7 @@ def test_a_scheduler_that_does_not_fit_the_objective_is_refused_with_those_that_
     for name in ("dpm++", "unipc"):
         assert built[name].config.use_flow_sigmas and built[name].config.flow_shift == 2.0
         assert built[name].config.prediction_type == "flow_prediction"
-    assert type(scheduler_from_name(None, flow)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(scheduler_from_name(None, flow)).__name__ == "UniPCMultistepScheduler"  # the flow default
     ddpm = diffusers.DDPMScheduler().config
     assert (
         type(scheduler_from_name("euler", ddpm)).__name__ == "EulerDiscreteScheduler"

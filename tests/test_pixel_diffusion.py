@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import TINY, bare_trainer
+from tests.conftest import DDPM_LINEAR, TINY, bare_trainer
 
 
 def _tiny_model(compose_config, *overrides):
@@ -54,6 +54,7 @@ def _fixed_key_loss(model, batch):
 def test_min_snr_and_v_prediction_train(compose_config):
     model, data = _tiny_model(
         compose_config,
+        *DDPM_LINEAR,
         "model/objective/weighting=min_snr",
         "model.noise_scheduler.prediction_type=v_prediction",
         "model.noise_scheduler.rescale_betas_zero_snr=true",
@@ -129,7 +130,7 @@ def test_the_sample_command_loads_a_class_conditional_export(compose_config, tmp
     from diffusion_lab.families.export import write_pipeline
     from diffusion_lab.generation import SampleSettings
 
-    model, _ = _tiny_model(compose_config, "model.net.num_class_embeds=10")
+    model, _ = _tiny_model(compose_config, *DDPM_LINEAR, "model.net.num_class_embeds=10")  # sampled with DDIM
     write_pipeline(tmp_path / "pipeline", [model.net], model.save_pipeline)
     (tmp_path / "pipeline" / "pipeline.py").write_text("raise RuntimeError('the folder code ran')\n")
     sampler, details = load_sampler(

@@ -1,6 +1,7 @@
 """Post-hoc EMA: the power-function profiles, their reconstruction from snapshots, and `diffusion-lab ema`."""
 
 import csv
+import json
 import math
 from types import SimpleNamespace
 
@@ -10,10 +11,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from diffusion_lab.core.power_ema import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.posthoc_ema import PostHocEMA
 from diffusion_lab.posthoc_ema.callback import read_snapshots
-from diffusion_lab.posthoc_ema.power import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.posthoc_ema.sweep import reconstruct, valid_range
 from tests.test_commands import cli
 
@@ -102,9 +103,22 @@ def test_a_length_the_snapshots_cannot_rebuild_is_refused_with_the_valid_range(t
 
 
 def test_the_ema_command_exports_each_length_scores_them_and_names_the_best(tmp_path):
+    """Also `callbacks.posthoc_quality`, which scores lengths as the run ends: its FID of a length is the
+    command's, computed afterwards from the same snapshots, samples and reference."""
     run = tmp_path / "run"
-    cli("train", "debug=fast", "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.snapshot_every=2",
-        "trainer.max_steps=8", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    cli("train", "debug=fast", "callbacks=[default,posthoc_ema,sample_quality,posthoc_quality]",
+        "callbacks.posthoc_ema.snapshot_every=2", "trainer.max_steps=8", f"hydra.run.dir={run}",
+        "feature_extractor@callbacks.sample_quality.feature_extractor=random_conv",
+        "callbacks.sample_quality.at_end=false", "callbacks.sample_quality.num_samples=24",
+        "callbacks.sample_quality.num_inference_steps=3", "callbacks.sample_quality.kid_subset_size=12",
+        "callbacks.posthoc_quality.sigma_rels=[0.05,0.1]", "optimized_metric=val/fid",
+        f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    with (run / "posthoc_quality.csv").open() as handle:
+        at_end = {float(row["sigma_rel"]): float(row["fid"]) for row in csv.DictReader(handle)}
+    assert set(at_end) == {0.05, 0.1}
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert float(summary["val/fid"]) == pytest.approx(min(at_end.values()), rel=1e-5)
+    assert float(summary["val/ema_sigma_rel"]) == pytest.approx(min(at_end, key=at_end.get))
     refused = cli("ema", f"run={run}", "sigma_rel=0.02,0.2", check=False)
     assert refused.returncode == 2 and "valid range here is" in refused.stderr
     out = tmp_path / "sweep"
@@ -115,8 +129,11 @@ def test_the_ema_command_exports_each_length_scores_them_and_names_the_best(tmp_
     assert "best EMA length: sigma_rel=" in result.stdout
     with (out / "ema_sweep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["kind"] for row in rows] == ["post-hoc"] * 3 + ["fixed decay 0.995"]
+    assert [row["kind"] for row in rows] == ["post-hoc"] * 3 + ["training EMA sigma_rel 0.1"]
     assert all(float(row["fid"]) > 0 and float(row["kid"]) == float(row["kid"]) for row in rows)
+    by_length = {float(row["sigma_rel"]): float(row["fid"]) for row in rows if row["kind"] == "post-hoc"}
+    for sigma in (0.05, 0.1):
+        assert by_length[sigma] == pytest.approx(at_end[sigma], rel=1e-4)
     unets = [DiffusionPipeline.from_pretrained(out / f"sigma_{s}").unet for s in ("0.050", "0.080", "0.100")]
     first = [p.detach().clone() for p in unets[0].parameters()]
     for other in unets[1:]:
@@ -163,3 +180,27 @@ def test_a_resume_moves_aside_snapshots_past_its_step_and_a_late_callback_is_ref
     assert len(list((tmp_path / "abandoned").iterdir())) == 4
     with pytest.raises(ConfigError, match="added to a run resumed at step 2"):
         PostHocEMA(str(tmp_path / "late")).on_train_start(trainer, module)
+
+
+def test_an_ema_of_length_sigma_rel_is_the_power_function_profile_post_hoc_ema_tracks():
+    """`callbacks.ema.sigma_rel` averages as EDM2's profile of that length: the EMA callback and the post-hoc
+    profile of the same sigma_rel agree step for step (and with the direct recursion)."""
+    from diffusion_lab.callbacks import EMA
+
+    trajectory = _trajectory()[:120]
+    net = torch.nn.Linear(2, 2)
+    module = SimpleNamespace(net=net, device=torch.device("cpu"))
+    ema = EMA(sigma_rel=0.1)
+    trainer = SimpleNamespace(global_step=0)
+    with torch.no_grad():
+        for step in range(1, len(trajectory) + 1):
+            net.weight.copy_(trajectory[step - 1, :4].view(2, 2))
+            net.bias.copy_(trajectory[step - 1, 4:])
+            trainer.global_step = step
+            ema.on_train_batch_end(trainer, module, None, None, step)
+    averaged = torch.cat([p.flatten() for p in ema.ema.shadow_params]).double()
+    torch.testing.assert_close(
+        averaged, _direct_power_ema(trajectory, sigma_rel_to_gamma(0.1)), rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="update_every"):
+        EMA(sigma_rel=0.1, update_every=10)

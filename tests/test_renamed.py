@@ -25,6 +25,7 @@ def refused(capsys, *args: str) -> str:
         ("train", "callbacks.sample_grid.dirpath=/tmp/x", "callbacks.sample_grid.out_dir"),
         ("train", "callbacks.model_checkpoint.dirpath=/tmp/x", "callbacks.model_checkpoint.out_dir"),
         ("train", "model=ddpm", "model=pixel"),
+        ("train", "experiment=flow_digits", "experiment=ddpm_digits is the former DDPM default"),
         ("train", "model=latent_diffusion", "model=latent"),
         ("sample", "steps=10", "num_inference_steps"),
         ("sample", "out=/tmp/x", "out_dir"),
@@ -58,7 +59,13 @@ def test_a_pretrained_checkpoint_file_is_refused_naming_ckpt_path(capsys, tmp_pa
 
 
 def test_flow_matching_refuses_the_ddpm_fields_it_would_ignore(capsys, tmp_path):
-    output = refused(capsys, "train", "model/objective=flow_matching", f"hydra.run.dir={tmp_path}")
+    output = refused(
+        capsys,
+        "train",
+        "model/noise_scheduler=ddpm_linear",
+        "model/objective=flow_matching",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "model/objective=flow_matching does not use" in output and "prediction_type" in output
     assert "model/noise_scheduler=flow_match" in output
 
@@ -71,8 +78,8 @@ def test_flow_matching_on_a_latent_model_refuses_a_changed_prediction_type(compo
         check_run_config(cfg)
 
 
-def test_the_flow_experiment_composes_and_passes_the_checks(compose_config):
-    check_run_config(compose_config("experiment=flow_digits"))
+def test_the_flow_default_and_preset_compose_and_pass_the_checks(compose_config):
+    check_run_config(compose_config())  # flow matching on the digits (experiment=flow_digits before issue 22)
     check_run_config(compose_config("+objective_preset=flow_logit_normal"))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion_lab.commands.instantiate import build_run
-from tests.conftest import TINY
+from tests.conftest import DDPM_LINEAR, TINY
 
 STEPS = 8  # total; the checkpoint at STEPS/2 lands mid-epoch (an epoch is 20 batches of 72)
 
@@ -32,7 +32,7 @@ def _run(compose_config, out_dir, *overrides):
 @pytest.mark.parametrize(
     "objective",
     [
-        [],
+        DDPM_LINEAR,
         [
             "model/objective=flow_matching",
             "model/noise_scheduler=flow_match",

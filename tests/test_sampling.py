@@ -12,6 +12,7 @@ from diffusion_lab.families import ModelParts, family_named, load_sampler
 from diffusion_lab.families.export import write_pipeline
 from diffusion_lab.generation import PixelSampler, SampleSettings, TextToImageSampler
 from diffusion_lab.generation.run import plan_images, read_prompts
+from tests.conftest import DDPM_LINEAR
 from tests.test_commands import cli
 
 
@@ -122,9 +123,12 @@ def test_text_models_need_prompts_and_get_num_images_per_prompt(text_sampler, tm
 
 
 @pytest.fixture(scope="module")
-def sampled_run(trained_run):
-    """The session's tiny trained run, sampled from its checkpoint by the command line."""
-    run_dir, _ = trained_run
+def sampled_run(tmp_path_factory):
+    """A tiny DDPM run (`debug=fast`; the session's default run is flow matching, which the DDPM samplers
+    below do not fit), sampled from its checkpoint by the command line."""
+    run_dir = tmp_path_factory.mktemp("ddpm_run")
+    cli("train", "debug=fast", *DDPM_LINEAR, f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={run_dir / 'cache'}")  # fmt: skip
     out = run_dir / "sampled"
     result = cli(
         "sample", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}", "num_images=5",

@@ -10,9 +10,10 @@ from hydra.utils import instantiate
 
 from diffusion_lab.generation import PixelSampler, SampleSettings
 from diffusion_lab.generation.samplers import TextToImageSampler
-from tests.conftest import TINY
+from tests.conftest import DDPM_LINEAR, TINY
 
 ZERO_SNR = [
+    *DDPM_LINEAR,
     "model.noise_scheduler.rescale_betas_zero_snr=true",
     "model.noise_scheduler.prediction_type=v_prediction",
 ]
@@ -29,7 +30,7 @@ def test_every_sampler_starts_at_the_last_training_timestep(compose_config, name
     model = instantiate(compose_config(*TINY, *ZERO_SNR).model)
     assert model.noise_scheduler.alphas_cumprod[-1] < 1e-6  # the last step is (numerically) pure noise
     assert _first_timestep(PixelSampler(model.net, model.noise_scheduler), name) == 999
-    plain = instantiate(compose_config(*TINY).model)
+    plain = instantiate(compose_config(*TINY, *DDPM_LINEAR).model)
     assert (
         _first_timestep(PixelSampler(plain.net, plain.noise_scheduler), "ddim") == 980
     )  # `leading` misses it
@@ -59,7 +60,9 @@ def test_epsilon_with_zero_terminal_snr_is_refused(compose_config, tiny_sd):
     from diffusion_lab.models import LatentDiffusion
 
     with pytest.raises(Exception, match="v_prediction") as raised:
-        instantiate(compose_config(*TINY, "model.noise_scheduler.rescale_betas_zero_snr=true").model)
+        instantiate(
+            compose_config(*TINY, *DDPM_LINEAR, "model.noise_scheduler.rescale_betas_zero_snr=true").model
+        )
     assert isinstance(raised.value.__cause__, ConfigError)
     with pytest.raises(ConfigError, match="v_prediction"):
         LatentDiffusion(

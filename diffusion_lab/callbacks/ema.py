@@ -7,6 +7,20 @@ import lightning as L
 import torch
 from diffusers.training_utils import EMAModel
 
+from diffusion_lab.core.power_ema import power_ema_beta, sigma_rel_to_gamma
+
+
+class PowerEMAModel(EMAModel):
+    """diffusers' EMAModel with EDM2's power-function profile (arXiv:2312.02696 eq. 2): beta_t = (1 - 1/t)^(gamma + 1),
+    an average whose length is a fixed fraction `sigma_rel` of the run so far, whatever the run's length."""
+
+    def __init__(self, parameters, gamma: float, **kwargs) -> None:
+        super().__init__(parameters, **kwargs)
+        self.gamma = gamma
+
+    def get_decay(self, optimization_step: int) -> float:
+        return power_ema_beta(max(optimization_step, 1), self.gamma)
+
 
 class EMA(L.Callback):
     """Average the trainable weights of `pl_module.net` (never a frozen VAE or text encoder; of a LoRA
@@ -20,6 +34,8 @@ class EMA(L.Callback):
     weight drifting 1.0 -> 1.2 at decay 0.995 never moves (each update is below bf16's resolution at 1.0).
     Its warm-up and `update_after_step` count optimizer steps, whatever `update_every` is, as ema-pytorch
     does (diffusers' EMAModel counts its own calls: with `update_every=10` its warm-up took ten times longer).
+    `sigma_rel` replaces the decay and its warm-up by EDM2's power-function profile of that relative length,
+    the form post-hoc EMA measures (`diffusion-lab ema`), so a length found there is used as it was found.
     """
 
     def __init__(
@@ -32,7 +48,14 @@ class EMA(L.Callback):
         power: float = 2 / 3,
         min_decay: float = 0.0,
         validate_with_ema: bool = True,
+        sigma_rel: float | None = None,
     ) -> None:
+        if sigma_rel is not None and update_every != 1:
+            raise ValueError(
+                f"callbacks.ema.sigma_rel={sigma_rel} is a power-function EMA updated every optimizer step: "
+                f"leave callbacks.ema.update_every at 1 (got {update_every})"
+            )
+        self.gamma = None if sigma_rel is None else sigma_rel_to_gamma(sigma_rel)
         self.hyperparameters = dict(
             decay=decay,
             update_after_step=update_after_step,
@@ -59,7 +82,11 @@ class EMA(L.Callback):
     def _ensure_ema(self, pl_module: L.LightningModule) -> EMAModel:
         if self.ema is None:
             # foreach: one fused kernel per update instead of one per tensor.
-            self.ema = EMAModel(self.parameters(pl_module), foreach=True, **self.hyperparameters)
+            parameters = self.parameters(pl_module)
+            if self.gamma is None:
+                self.ema = EMAModel(parameters, foreach=True, **self.hyperparameters)
+            else:
+                self.ema = PowerEMAModel(parameters, gamma=self.gamma, foreach=True)
         if self._state_to_load is not None:
             self.ema.load_state_dict(self._state_to_load)
             self._state_to_load = None

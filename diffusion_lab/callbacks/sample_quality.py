@@ -1,5 +1,6 @@
 """FID / KID / IS (and CLIP score for text models) of samples from the EMA weights while a model trains."""
 
+import contextlib
 import csv
 import logging
 from pathlib import Path
@@ -108,10 +109,15 @@ class SampleQuality(EndOfRunWork):
         return self._reference
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, use_ema: bool = True, record: bool = True
+    ) -> dict:
+        """Scores of the EMA weights (`use_ema=False`: of the weights the network holds now), logged and kept
+        in the table unless `record=False`."""
         device = pl_module.device
         cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), ema_weights(trainer, pl_module):
+        averaged = ema_weights(trainer, pl_module) if use_ema else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=cuda), averaged:
             reference = self.reference(trainer, device)
             sampler = pl_module.family.sampler(pl_module.parts())
             prompts = reference.captions if sampler.kind == "text" else None
@@ -124,10 +130,11 @@ class SampleQuality(EndOfRunWork):
             )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        self._record(trainer, scores)
+        if record:
+            self.record(trainer, scores)
         return scores
 
-    def _record(self, trainer: L.Trainer, scores: dict) -> None:
+    def record(self, trainer: L.Trainer, scores: dict) -> None:
         step = trainer.global_step
         self.last_scores = {"step": step, **scores}
         metrics = {f"val/{name}": scores[name] for name in LOGGED if scores.get(name) is not None}

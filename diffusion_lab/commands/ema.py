@@ -8,9 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion_lab.commands.inputs import require_positive
+from diffusion_lab.core.power_ema import sigma_rel_to_gamma
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.plots import line_plot
-from diffusion_lab.posthoc_ema.power import sigma_rel_to_gamma
 from diffusion_lab.posthoc_ema.sweep import (
     Network,
     RunFiles,
@@ -72,15 +72,15 @@ def ema(cfg: DictConfig) -> dict:
         path = network.export(out / f"sigma_{sigma:.3f}")
         rows.append({"kind": "post-hoc", "sigma_rel": sigma, "gamma": sigma_rel_to_gamma(sigma),
                      "profile_error": error, "pipeline": str(path)})  # fmt: skip
-    fixed_ema = run.fixed_ema()
+    training_ema = run.training_ema()
     if cfg.score:
         scoring = _scoring_config(cfg, run)
         for row in rows:
             source = network.evaluation_source(row["pipeline"])
             scores = evaluate(OmegaConf.merge(scoring, {**source, "ckpt_path": None, "images": None}))
             row.update(fid=scores["fid"], kid=scores["kid_mean"], kid_std=scores["kid_std"])
-        if fixed_ema is not None:  # the run's own fixed-decay EMA, for comparison
-            decay, every = float(fixed_ema["decay"]), int(fixed_ema.get("update_every", 1))
+        if training_ema is not None:  # the run's own EMA, for comparison
+            decay, every = float(training_ema["decay"]), int(training_ema.get("update_every", 1))
             scores = evaluate(
                 OmegaConf.merge(
                     scoring,
@@ -94,7 +94,14 @@ def ema(cfg: DictConfig) -> dict:
                 )
             )
             pipeline = run.folder / "pipeline"
-            rows.append({"kind": f"fixed decay {decay}", "sigma_rel": exponential_sigma_rel(decay, run.last_step, every),
+            if training_ema.get("sigma_rel") is not None:  # a power-function EMA: already on the axis
+                kind, sigma = (
+                    f"training EMA sigma_rel {training_ema['sigma_rel']}",
+                    float(training_ema["sigma_rel"]),
+                )
+            else:
+                kind, sigma = f"fixed decay {decay}", exponential_sigma_rel(decay, run.last_step, every)
+            rows.append({"kind": kind, "sigma_rel": sigma,
                          "gamma": None, "profile_error": None, "fid": scores["fid"], "kid": scores["kid_mean"],
                          "kid_std": scores["kid_std"], "pipeline": str(pipeline) if pipeline.is_dir() else None})  # fmt: skip
     csv_path, md_path = write_tables(rows, out)
@@ -102,7 +109,7 @@ def ema(cfg: DictConfig) -> dict:
                "table": str(csv_path), "markdown": str(md_path), "pipelines": [row["pipeline"] for row in rows]}  # fmt: skip
     best = best_row(rows)
     if best is not None:
-        fixed = next((row for row in rows if row["kind"].startswith("fixed")), None)
+        fixed = next((row for row in rows if row["kind"] != "post-hoc"), None)
         posthoc = [row for row in rows if row["kind"] == "post-hoc"]
         summary["plot"] = str(
             line_plot(

@@ -18,7 +18,7 @@ from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_
 class SampleSettings:
     """How to sample, independent of what: the knobs both the `sample` command and callbacks expose."""
 
-    scheduler: str | None = None  # None: the model's default (DDIM; flow-match Euler for a flow model)
+    scheduler: str | None = None  # None: the model's default (DDIM; UniPC for a flow model)
     num_inference_steps: int = 50
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 as stochastic as DDPM
     guidance_scale: float = 7.5  # text models: classifier-free guidance

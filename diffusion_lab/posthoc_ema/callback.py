@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_lab.callbacks.ema import trainable_names, trainable_parameters
+from diffusion_lab.core.power_ema import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.posthoc_ema.power import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.runs.atomic import write_file
 from diffusion_lab.runs.checksums import tensors_checksum
 
@@ -121,8 +121,16 @@ class PostHocEMA(L.Callback):
             self._snapshot(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_step and self._last_step % self.snapshot_every:  # the final weights' profiles too
+        self.flush(trainer, pl_module)
+
+    def flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
+        """Snapshots of the last step too (once), then every snapshot of this run up to it."""
+        if (
+            self._last_step
+            and not (self.out_dir / snapshot_name(self._last_step, self.sigma_rels[-1])).exists()
+        ):
             self._snapshot(trainer, pl_module, self._last_step)
+        return [s for s in read_snapshots(self.out_dir)[0] if s["step"] <= self._last_step]
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion_lab.callbacks.ema import trainable_names
+from diffusion_lab.core.power_ema import sigma_rel_to_gamma, solve_weights
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.posthoc_ema.callback import load_snapshot, read_snapshots, verify_snapshot
-from diffusion_lab.posthoc_ema.power import sigma_rel_to_gamma, solve_weights
 from diffusion_lab.runs.atomic import write_file, write_text
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ class RunFiles:
     def last_step(self) -> int:
         return max(s["step"] for s in self.snapshots)
 
-    def fixed_ema(self) -> dict | None:
-        """The run's fixed-decay EMA callback settings, if it had one."""
+    def training_ema(self) -> dict | None:
+        """The settings of the run's own EMA callback (a fixed decay or a sigma_rel), if it had one."""
         return (self.config.get("callbacks") or {}).get("ema")
 
 

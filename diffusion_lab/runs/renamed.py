@@ -26,7 +26,12 @@ RENAMED_KEYS = {
     "tiny-sd": {"out": "out_dir"},
 }
 # group=option -> its new name
-RENAMED_OPTIONS = {"model=ddpm": "model=pixel", "model=latent_diffusion": "model=latent"}
+RENAMED_OPTIONS = {
+    "model=ddpm": "model=pixel",
+    "model=latent_diffusion": "model=latent",
+    "experiment=flow_digits": "the default: flow matching on the digits is `diffusion-lab train` with no "
+    "arguments (experiment=ddpm_digits is the former DDPM default)",
+}
 
 
 def _new_name(key: str, command: str) -> str | None:

@@ -19,7 +19,7 @@ from diffusion_lab.runs.atomic import write_text
 log = logging.getLogger(__name__)
 RUN_SUMMARY = "run_summary.json"
 COLUMNS = [
-    "job", "overrides", "status", "train/loss", "val/loss", "val/fid", "val/kid_mean", "val/kid_std",
+    "job", "overrides", "status", "train/loss", "val/loss", "val/fid", "val/kid_mean", "val/kid_std", "val/ema_sigma_rel",
     "images_per_s", "wall_time_s", "global_step", "output_dir",
 ]  # fmt: skip
 

@@ -31,6 +31,7 @@ from diffusion_lab.metrics.features import extract_features
 from diffusion_lab.metrics.protocol import check_protocol
 from diffusion_lab.metrics.reference import dataset_batches
 from diffusion_lab.runs.atomic import write_text
+from diffusion_lab.runs.children import die_with_parent
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'diffusion_lab[peers]' (or pip install denoising-diffusion-pytorch==2.3.4)"
@@ -70,7 +71,7 @@ def train_project(cfg: DictConfig, data_overrides: list[str], out_dir: Path) -> 
         "run_name=bench_quality_project", *cfg.project_overrides,
     ]  # fmt: skip
     log.info("project side: %s", " ".join(command))
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, preexec_fn=die_with_parent)  # a killed bench leaves no orphan run
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise RuntimeError(f"the project's run wrote no {checkpoint}")

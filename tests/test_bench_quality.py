@@ -2,7 +2,12 @@
 budget; and the install hint when the peer is missing."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -41,3 +46,39 @@ def test_bench_quality_names_the_extra_to_install_when_the_peer_is_missing(tmp_p
     output = refused(capsys, "bench", "quality", *TINY_BENCH, f"out_dir={tmp_path}")
     assert "pip install 'diffusion_lab[peers]'" in output
     assert not (tmp_path / "project").exists()  # said before anything trained
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel kills the child (prctl): Linux")
+def test_a_killed_bench_leaves_no_training_child_behind(tmp_path):
+    pytest.importorskip("denoising_diffusion_pytorch")
+    env = {**os.environ, "DIFFUSION_LAB_CACHE": str(tmp_path / "cache")}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_lab.cli", "bench", "quality", *TINY_BENCH[1:], "minutes=2",
+         f"out_dir={tmp_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    lock, child = tmp_path / "project" / ".diffusion_lab.lock", None
+    deadline = time.monotonic() + 120
+    while child is None and bench.poll() is None and time.monotonic() < deadline:
+        try:  # the project's `diffusion-lab train` holds its run folder's lock
+            child = json.loads(lock.read_text())["pid"]
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.2)
+    if child is None:
+        bench.kill()
+        pytest.fail(f"the bench's training child never started (bench exit code {bench.poll()})")
+    assert _running(child)
+    bench.send_signal(signal.SIGKILL)
+    bench.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), "the project's training run outlived the killed bench"

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from diffusion_lab.benchmarks.counting import count_flops, parameters_m
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families import load_checkpoint
 from diffusion_lab.generation import SampleSettings
@@ -50,13 +50,8 @@ def import_peer():
 
 def forward_gflop(net: torch.nn.Module, inputs: tuple) -> float:
     """GFLOP of one forward pass on one image (one network evaluation of sampling)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(*inputs)
-    return counter.get_total_flops() / 1e9
-
-
-def parameters_m(net: torch.nn.Module) -> float:
-    return round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
+    with torch.no_grad():
+        return count_flops(lambda: net(*inputs)) / 1e9
 
 
 def train_project(cfg: DictConfig, data_overrides: list[str], out_dir: Path) -> Path:
@@ -154,8 +149,13 @@ def bench_quality(cfg: DictConfig) -> dict:
     sampler = family.sampler(parts)
     settings = SampleSettings(num_inference_steps=cfg.num_inference_steps)
     plan = evaluation_plan(sampler, cfg.num_samples, cfg.seed)
+    shown: list[torch.Tensor] = []  # the grid: the first 64 of the scored images, not sampled again
+
+    def keep_for_grid(start: int, images: torch.Tensor) -> None:
+        shown.append(images[: max(0, 64 - start)])
+
     project_scores = score_sampler(sampler, plan, settings, reference, extractor, protocol, cfg.batch_size,
-                                   "cpu", progress=True, **options)  # fmt: skip
+                                   "cpu", progress=True, on_batch=keep_for_grid, **options)  # fmt: skip
     size, channels = cfg.data.image_size, cfg.data.channels
     probe = torch.zeros(1, channels, size, size)
     project = {
@@ -165,7 +165,7 @@ def bench_quality(cfg: DictConfig) -> dict:
         "gflop_per_image": round(forward_gflop(parts.net, (probe, torch.zeros(1))), 4),
         "sampler": f"{type(sampler.scheduler(settings)).__name__}-{cfg.num_inference_steps}",
     }  # fmt: skip
-    save_grid(next(iter(_first(sampler, plan, settings))), out_dir / "project_samples.png")
+    save_grid(torch.cat(shown), out_dir / "project_samples.png")
 
     model, peer_steps = train_peer(cfg, datamodule, size, channels)
     peer_generated = list(peer_images(model, cfg.num_samples, cfg.batch_size, cfg.seed))
@@ -190,11 +190,3 @@ def bench_quality(cfg: DictConfig) -> dict:
     write_text(out_dir / "result.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result
-
-
-def _first(sampler, plan, settings):
-    """The first 64 images of the plan (for the grid), from the same seeds the scores used."""
-    from diffusion_lab.generation.run import ImagePlan, generate
-
-    first = ImagePlan(plan.seeds[:64], class_labels=plan.class_labels[:64] if plan.class_labels else None)
-    yield torch.cat([images for _, images in generate(sampler, first, settings, 64, progress=False)])

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion_lab.benchmarks.counting import count_flops, parameters_m
 
 # Dense peak FLOP/s by (device name fragment, compute dtype), from the vendors' datasheets (SXM parts).
 PEAK_FLOPS = {
@@ -149,13 +150,12 @@ def training_flops_per_image(net, noise_scheduler, batch) -> float:
     """
     pixels = batch["pixels"][:1]
     timesteps = torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        loss = F.mse_loss(
-            net(noise_scheduler.add_noise(pixels, torch.randn_like(pixels), timesteps), timesteps).sample,
-            pixels,
-        )
-        loss.backward()
-    return float(counter.get_total_flops())
+
+    def step():
+        noisy = noise_scheduler.add_noise(pixels, torch.randn_like(pixels), timesteps)
+        F.mse_loss(net(noisy, timesteps).sample, pixels).backward()
+
+    return count_flops(step)
 
 
 def bench_train(cfg: DictConfig) -> dict:
@@ -203,7 +203,7 @@ def bench_train(cfg: DictConfig) -> dict:
         "ratio": round(max(project) / max(plain), 3),
         "train_gflop_per_image": round(flops_per_image / 1e9, 3),
         "achieved_tflop_s": round(max(project) * flops_per_image / 1e12, 3),
-        "params_m": round(sum(p.numel() for p in initial_net.parameters()) / 1e6, 2),
+        "params_m": parameters_m(initial_net),
         "batch_size": cfg.batch_size,
         "image_size": model.net.config.sample_size,
         "precision": precision,

@@ -168,6 +168,14 @@ def trainable_names(net: torch.nn.Module) -> list[str]:
     return [name for name, parameter in net.named_parameters() if parameter.requires_grad]
 
 
+@torch.no_grad()
+def write_weights(net: torch.nn.Module, names: list[str], tensors: list[torch.Tensor]) -> None:
+    """`tensors` into the parameters `names` (e.g. `trainable_names`), in each parameter's dtype and device."""
+    parameters = dict(net.named_parameters())
+    for name, tensor in zip(names, tensors, strict=True):
+        parameters[name].copy_(tensor.to(parameters[name]))
+
+
 def find_ema(trainer: L.Trainer) -> EMA | None:
     return next((callback for callback in trainer.callbacks if isinstance(callback, EMA)), None)
 

@@ -15,6 +15,7 @@ from diffusion_lab.data.bucket_batching import BucketBatcher, Waiting, collate
 from diffusion_lab.data.decoding import BadDataTally, BadSample
 
 log = logging.getLogger(__name__)
+ROW_CHUNK = 64  # map-style rows read at a time
 
 
 def _worker() -> tuple[int, int]:
@@ -83,9 +84,19 @@ class ImageStream(IterableDataset):
             order = torch.arange(size)
         mine = order[self.rank :: self.world_size][worker::workers].tolist()
         while self.position < len(mine):
-            index = mine[self.position]
-            self.position += 1
-            yield index, self.dataset[index]
+            chunk = mine[self.position : self.position + ROW_CHUNK]
+            for index, row in zip(chunk, self._read(chunk), strict=True):
+                self.position += 1  # per row: a checkpoint taken mid-chunk resumes at the next row
+                yield index, row
+
+    def _read(self, indices: list[int]) -> list[dict]:
+        """The rows at `indices`, in order. A `datasets.Dataset` is read with one Arrow take for all of them:
+        row by row, indexing cost 0.13 ms a row, a fifth of decoding a 224 px JPEG and resizing it to 128 px
+        (`bench data`: 0.70x a bare PIL loop in-process, 0.85x read a chunk at a time)."""
+        if not isinstance(self.dataset, datasets.Dataset):
+            return [self.dataset[index] for index in indices]
+        columns = self.dataset[indices]
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
     def _node_stream(self) -> datasets.IterableDataset:
         """This rank's part of the (shuffled) stream; loader workers split it further by shards."""

@@ -1,5 +1,9 @@
 """Scoring a model: sample a fixed plan of images, extract features as they come, compare with a reference."""
 
+from collections.abc import Callable
+
+import torch
+
 from diffusion_lab.generation.run import ImagePlan, generate
 from diffusion_lab.generation.samplers import SampleSettings
 from diffusion_lab.metrics.features import ImageFeatures, extract_features
@@ -53,16 +57,20 @@ def score_sampler(
     device,
     clip_scorer: ClipScorer | None = None,
     progress: bool = False,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
     **score_options,
 ) -> dict:
     """Generate the plan batch by batch (never all images in memory) and score it; CLIP score too when the
-    plan has prompts and a scorer is given."""
+    plan has prompts and a scorer is given. `on_batch(start, images)` sees each generated batch (e.g. to keep
+    the first few for a grid without sampling them again)."""
     with_clip = clip_scorer is not None and plan.prompts is not None
     if with_clip:
         clip_scorer.reset(device)
 
     def generated_batches():
         for start, images in generate(sampler, plan, settings, batch_size, progress, "sampling for FID"):
+            if on_batch is not None:
+                on_batch(start, images)
             images = as_rgb_uint8(images)
             if with_clip:
                 clip_scorer.update(images, plan.prompts[start : start + len(images)])

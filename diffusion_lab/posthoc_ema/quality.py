@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_lab.callbacks.ema import trainable_names
+from diffusion_lab.callbacks.ema import trainable_names, write_weights
 from diffusion_lab.callbacks.end_of_run import EndOfRunWork
 from diffusion_lab.callbacks.sample_quality import SampleQuality, describe_scores
 from diffusion_lab.errors import ConfigError
@@ -36,14 +36,10 @@ def loaded_weights(net: torch.nn.Module, names: list[str], tensors: list[torch.T
     parameters = dict(net.named_parameters())
     saved = [parameters[name].detach().clone() for name in names]
     try:
-        with torch.no_grad():
-            for name, tensor in zip(names, tensors, strict=True):
-                parameters[name].copy_(tensor.to(parameters[name]))
+        write_weights(net, names, tensors)
         yield
     finally:
-        with torch.no_grad():
-            for name, tensor in zip(names, saved, strict=True):
-                parameters[name].copy_(tensor)
+        write_weights(net, names, saved)
 
 
 def _one(trainer: L.Trainer, kind: type, key: str):

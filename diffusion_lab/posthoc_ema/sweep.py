@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion_lab.callbacks.ema import trainable_names
+from diffusion_lab.callbacks.ema import trainable_names, write_weights
 from diffusion_lab.core.power_ema import sigma_rel_to_gamma, solve_weights
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.posthoc_ema.callback import load_snapshot, read_snapshots, verify_snapshot
@@ -158,11 +158,8 @@ class Network:
         self.net = self.parts.net
         self.names = trainable_names(self.net)
 
-    @torch.no_grad()
     def load(self, tensors: list[torch.Tensor]) -> None:
-        parameters = dict(self.net.named_parameters())
-        for name, tensor in zip(self.names, tensors, strict=True):
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+        write_weights(self.net, self.names, tensors)
 
     def evaluation_source(self, pipeline: str) -> dict:
         """What `eval` loads for an exported length: the folder, or a LoRA folder on top of the base model."""

@@ -1,10 +1,11 @@
 """Tables, plots and chosen.yaml of the pixel-defaults study from its Optuna sweep folders.
 
-    python experiments/pixel_defaults/tabulate.py digits=multirun/pixel_defaults/<date> [flowers=...]
+    python experiments/pixel_defaults/tabulate.py digits=multirun/pixel_defaults/<date> [flowers=...] [...]
 
-Writes summary.csv / summary.md (one row per trial, its parameters as columns, best first), fid_<set>.png
-(FID per trial in trial order, the running best as a line) and chosen.yaml (the digits study's best trial,
-rounded to two significant digits: what conf/ takes as its defaults).
+Writes summary.csv / trials.md (one row per trial, its parameters as columns, best first), fid_<set>.png
+(FID per trial in trial order, for sets of more than one trial) and chosen.yaml (the digits study's best
+trial, rounded to two significant digits: what conf/ takes as its defaults). `attention_px` is where a trial
+put self-attention, read from its composed config: the side of each feature map that had it.
 """
 
 import csv
@@ -39,8 +40,18 @@ def trials(sweep: Path) -> list[dict]:
             trial.update({key: yaml.safe_load(overrides[key]) for key in PARAMS if key in overrides})
             for key in ("val/fid", "val/kid_mean", "val/ema_sigma_rel", "global_step"):
                 trial[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
+            trial["attention_px"] = attention_px(Path(row["output_dir"]) / "config.yaml")
             rows.append(trial)
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def attention_px(config: Path) -> str:
+    """The feature-map sides (px) with self-attention in a trial's composed config, e.g. "8 4"."""
+    if not config.is_file():
+        return ""
+    cfg = yaml.safe_load(config.read_text())
+    levels, size = cfg["model"]["net"]["attention_levels"], cfg["data"]["image_size"]
+    return " ".join(str(size // 2**level) for level, on in enumerate(levels) if on) or "none"
 
 
 def plot(rows: list[dict], name: str) -> None:
@@ -58,7 +69,8 @@ def main(argv: list[str]) -> None:
     table = []
     for name, folder in sweeps.items():
         rows = trials(Path(folder))
-        plot(rows, name)
+        if len(rows) > 1:
+            plot(rows, name)
         table += [{"set": name, **row} for row in rows]
     columns = [
         "set",
@@ -69,6 +81,7 @@ def main(argv: list[str]) -> None:
         "val/ema_sigma_rel",
         "global_step",
         *PARAMS,
+        "attention_px",
     ]
     table.sort(key=lambda r: (r["set"], r["val/fid"] if math.isfinite(r["val/fid"]) else math.inf))
     with (HERE / "summary.csv").open("w", newline="") as handle:

@@ -79,7 +79,8 @@ def test_every_family_trains_resumes_exports_and_samples_what_its_grid_showed(na
     run("export", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={exported}")
     config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     source = family.evaluation_source(family.parts_from_checkpoint(checkpoint), exported)
-    pipeline = DiffusionPipeline.from_pretrained(source["pretrained"])
+    # (a family without a stock pipeline ships its pipeline's code in the folder, which diffusers runs on request)
+    pipeline = DiffusionPipeline.from_pretrained(source["pretrained"], trust_remote_code=True)
     if source["lora"]:
         pipeline.load_lora_weights(source["lora"])
     assert type(pipeline).__name__ in family.pipeline_classes

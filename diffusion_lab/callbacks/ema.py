@@ -128,6 +128,13 @@ class EMA(L.Callback):
             ema.restore(parameters)
             self._swapped = False
 
+    def copy_average_to(self, parameters: list[torch.nn.Parameter]) -> None:
+        """The average into `parameters` of another copy of the network (SRA's teacher): same order as the
+        trainable ones it tracks."""
+        if self.ema is None:
+            raise RuntimeError("the EMA has not started yet (it starts with fit)")
+        self.ema.copy_to(parameters)
+
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.validate_with_ema and trainer.state.fn == "fit":
             self._validation_context = self.averaged_weights(pl_module)

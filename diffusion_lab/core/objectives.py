@@ -78,6 +78,11 @@ class Objective(abc.ABC):
         """See the subclasses."""
 
     @abc.abstractmethod
+    def earlier_times(self, times: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """Less noisy levels: each time moved toward the clean end by `gaps`, a fraction of the whole range
+        (SRA's teacher level)."""
+
+    @abc.abstractmethod
     def network_timesteps(self, times: torch.Tensor) -> torch.Tensor:
         """What the network is given as its timestep."""
 
@@ -152,6 +157,10 @@ class DDPM(Objective):
         alpha, sigma = signal_and_noise_scales(self.noise_scheduler.alphas_cumprod, times)
         return training_target(self.prediction_type, x0, noise, alpha, sigma)
 
+    def earlier_times(self, times, gaps):
+        steps = (gaps.to(times.device) * (self.num_train_timesteps - 1)).round().long()
+        return (times - steps).clamp(min=0)
+
     def network_timesteps(self, times):
         return times
 
@@ -216,6 +225,9 @@ class FlowMatching(Objective):
 
     def target(self, x0, noise, times):
         return noise - x0
+
+    def earlier_times(self, times, gaps):
+        return (times - gaps.to(times)).clamp(min=0)
 
     def network_timesteps(self, times):
         return times * self.num_train_timesteps

@@ -51,6 +51,10 @@ class Family(abc.ABC):
         name = class_name[-1] if isinstance(class_name, list) else class_name
         return name in self.pipeline_classes
 
+    def owns_network(self, net: torch.nn.Module) -> bool:
+        """Whether a network built from the configs (`model.net`) is this family's (a pixel-space module asks)."""
+        return False
+
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         """A checkpoint written before checkpoints named their family (`checkpoint["family"]`)."""
         return False

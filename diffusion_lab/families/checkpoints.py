@@ -21,9 +21,21 @@ def describe_components(**components) -> dict:
     }
 
 
+def network_class(name: str) -> type:
+    """A diffusers model or scheduler class by name, or one of this package's networks (`DiffusionTransformer`)."""
+    from diffusion_lab import networks
+
+    found = getattr(diffusers, name, None) or getattr(networks, name, None)
+    if found is None:
+        raise ConfigError(
+            f"the checkpoint names a component class {name!r} that neither diffusers nor diffusion_lab has"
+        )
+    return found
+
+
 def rebuild_component(description: dict):
     """Instantiate a described component with fresh weights (load the state dict afterwards)."""
-    component_class = getattr(diffusers, description["class"])
+    component_class = network_class(description["class"])
     # explicit_config: a value diffusers once listed as a default (SD 1.5's prediction_type) stays as saved.
     return component_class.from_config(explicit_config(description["config"]))
 

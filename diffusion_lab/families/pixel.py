@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from diffusers import UNet2DModel
+
 from diffusion_lab.families.base import Family, ModelParts
 from diffusion_lab.families.checkpoints import load_trained_weights, rebuild_component
 from diffusion_lab.families.registry import register
@@ -23,6 +25,9 @@ class Pixel(Family):
     grid = "image"
     pipeline_classes = ("DDPMPipeline", ClassConditionalDDPMPipeline.__name__)
     tiny_overrides = ("debug=fast", "data.image_size=8")
+
+    def owns_network(self, net) -> bool:
+        return isinstance(net, UNet2DModel)
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         return "net" in checkpoint.get("diffusers_components", {})

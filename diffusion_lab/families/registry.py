@@ -37,6 +37,15 @@ def family_of_checkpoint(checkpoint: dict, where: str = "the checkpoint") -> Fam
     raise ConfigError(f"{where} is not a diffusion_lab checkpoint (it names no model family)")
 
 
+def family_of_network(net, where: str = "model.net") -> Family:
+    """The family a network built from the configs belongs to (a UNet2DModel: pixel; a DiT: dit)."""
+    _load_builtin()
+    for family in _FAMILIES.values():
+        if family.owns_network(net):
+            return family
+    raise ConfigError(f"{where} is a {type(net).__name__}, which no model family trains")
+
+
 def family_of_pipeline(index: dict, where: str = "the pipeline") -> Family:
     """The family whose pipeline class a `model_index.json` names."""
     _load_builtin()
@@ -51,4 +60,4 @@ def family_of_pipeline(index: dict, where: str = "the pipeline") -> Family:
 
 def _load_builtin() -> None:
     """Import the built-in family modules (each registers itself) on first use."""
-    from diffusion_lab.families import pixel, stable_diffusion  # noqa: F401
+    from diffusion_lab.families import dit, pixel, stable_diffusion  # noqa: F401

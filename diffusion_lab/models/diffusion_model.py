@@ -42,6 +42,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr, self.noise_seed, self.val_timestep_levels = lr, noise_seed, val_timestep_levels
+        self.alignment: torch.nn.Module | None = None  # a representation-alignment term (models.alignment)
 
     @property
     def noise_scheduler(self):
@@ -70,7 +71,23 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         keys = sample_keys(self.noise_seed, self.global_step, batch["index"])
         x0 = self.clean_inputs(batch, keys)
-        loss = self.objective.loss(self.net, x0, keys, **self.conditioning(batch, keys))
+        conditioning = self.conditioning(batch, keys)
+        alignment = self.alignment
+        if alignment is None:
+            loss = self.objective.loss(self.net, x0, keys, **conditioning)
+        else:  # with its own line in the logs; 0 once it stops (`stop_step`)
+            term = torch.zeros((), device=x0.device)
+            if alignment.active(self.global_step):
+                with alignment.student_tokens(self.net) as tokens:
+                    loss = self.objective.loss(self.net, x0, keys, **conditioning)
+                term = alignment.loss(
+                    self.objective, self.net, self.trainer, x0, keys, tokens[0], **conditioning
+                )
+            else:
+                loss = self.objective.loss(self.net, x0, keys, **conditioning)
+            self.log("train/diffusion_loss", loss, sync_dist=True)
+            self.log("train/align_loss", term, sync_dist=True)
+            loss = loss + alignment.weight * term
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all ranks
         return loss
 
@@ -83,6 +100,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
 
     def configure_optimizers(self):
-        return configure_optimizer(
-            self.net.parameters(), self.optimizer_factory, self.lr, self.lr_scheduler_factory
-        )
+        parameters = list(self.net.parameters())
+        if self.alignment is not None:  # its projector trains with the network
+            parameters += list(self.alignment.parameters())
+        return configure_optimizer(parameters, self.optimizer_factory, self.lr, self.lr_scheduler_factory)

@@ -4,21 +4,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin
 
-from diffusion_lab.families import ModelParts, family_named
+from diffusion_lab.families import ModelParts
 from diffusion_lab.families.checkpoints import describe_components
+from diffusion_lab.families.registry import family_of_network
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 
 
 class PixelDiffusion(DiffusionModel):
-    """A UNet2DModel trained on pixels: x0 is the batch's `pixels` in [-1, 1]; a class-conditional net
+    """A UNet2DModel or a DiT trained on pixels: x0 is the batch's `pixels` in [-1, 1]; a class-conditional net
     (`num_class_embeds`) also gets the batch's `label`. `objective` (a partial taking the noise scheduler)
     picks DDPM or flow matching; its default is DDPM on `noise_scheduler`."""
 
     def __init__(
         self,
-        net: UNet2DModel,
+        net: torch.nn.Module,
         noise_scheduler: SchedulerMixin,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr: float,
@@ -26,13 +27,17 @@ class PixelDiffusion(DiffusionModel):
         objective: ObjectiveFactory | None = None,
         noise_seed: int = 0,
         val_timestep_levels: int = 10,
+        alignment: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ) -> None:
         super().__init__(
             noise_scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels
         )
-        self.save_hyperparameters(ignore=["net", "noise_scheduler", "objective", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["net", "noise_scheduler", "objective", "optimizer", "lr_scheduler", "alignment"]
+        )
         self.net = net
-        self.family = family_named("pixel")
+        self.alignment = alignment(net) if alignment is not None else None  # model/alignment (a partial)
+        self.family = family_of_network(net)  # a UNet: pixel; a DiT / SiT: dit
 
     def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:
         return batch["pixels"]

@@ -1,0 +1,69 @@
+"""The transformer family: a DiT / SiT (`networks.dit.DiffusionTransformer`) on pixels in [-1, 1]."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from diffusion_lab.families.base import Family, ModelParts
+from diffusion_lab.families.checkpoints import load_trained_weights, network_class, rebuild_component
+from diffusion_lab.families.registry import register
+from diffusion_lab.generation.samplers import PixelSampler
+from diffusion_lab.networks.dit import DiffusionTransformer, from_stock, to_stock
+from diffusion_lab.pipelines import transformer_pixel
+from diffusion_lab.pipelines.transformer_pixel import PixelTransformerPipeline
+
+
+@register
+class PixelTransformer(Family):
+    """Pixels pass to the network unchanged; a class-conditional net also gets the batch's `label`. Exports are
+    a `PixelTransformerPipeline` folder (its code in the folder) over a stock `DiTTransformer2DModel`."""
+
+    name = "dit"
+    grid = "image"
+    pipeline_classes = (PixelTransformerPipeline.__name__,)
+    tiny_overrides = ("debug=fast", "data.image_size=8", "model/net=dit", "model.net.size=tiny")
+
+    def owns_network(self, net: torch.nn.Module) -> bool:
+        return isinstance(net, DiffusionTransformer)
+
+    def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
+        descriptions = checkpoint["diffusers_components"]
+        net = rebuild_component(descriptions["net"])
+        load_trained_weights(net, checkpoint)
+        return ModelParts(net, rebuild_component(descriptions["noise_scheduler"]))
+
+    def conditioning(self, batch: dict, net) -> dict:
+        return {"class_labels": batch["label"]} if net.config.num_class_embeds else {}
+
+    def load_pipeline(self, name_or_path: str, **kwargs):
+        """This package's pipeline class over the folder's weights: the folder's own copy of its code is not run."""
+        import diffusers
+
+        folder = Path(name_or_path)
+        scheduler_config = diffusers.DDPMScheduler.load_config(folder / "scheduler")
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+        saved = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
+        transformer = network_class(saved).from_pretrained(
+            folder / "transformer", torch_dtype=kwargs.get("torch_dtype")
+        )  # the stock DiT, or this package's for learned position embeddings
+        return PixelTransformerPipeline(transformer=transformer, scheduler=scheduler)
+
+    def parts_from_pipeline(self, pipeline) -> ModelParts:
+        return ModelParts(from_stock(pipeline.transformer), pipeline.scheduler)
+
+    def sampler(self, parts: ModelParts) -> PixelSampler:
+        return PixelSampler(parts.net, parts.noise_scheduler)
+
+    def save_pipeline(self, parts: ModelParts, folder: Path) -> Path:
+        folder = Path(folder)
+        PixelTransformerPipeline(
+            transformer=to_stock(parts.net), scheduler=parts.noise_scheduler
+        ).save_pretrained(folder)
+        shutil.copyfile(transformer_pixel.__file__, folder / "pipeline.py")
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline", PixelTransformerPipeline.__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return folder

@@ -1,0 +1,103 @@
+"""Representation alignment (`model/alignment=sra`): what the term trains, what its teacher sees, where it
+stops, and that the projector never leaves the run."""
+
+import functools
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
+
+from diffusion_lab.core import DDPM, FlowMatching
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.families.checkpoints import read_checkpoint
+from diffusion_lab.models import build_unet
+from diffusion_lab.models.alignment import SelfRepresentationAlignment
+from diffusion_lab.networks import build_dit
+from tests.test_families import run
+
+SRA = ["model/net=dit", "model.net.size=tiny", "model/alignment=sra", "model.alignment.student_block=2",
+       "model.alignment.teacher_block=4", "model.alignment.projector_width=32"]  # fmt: skip
+
+
+class AverageOf:
+    """Stands in for the EMA callback: its average is a given network's weights."""
+
+    def __init__(self, net):
+        self.callbacks = [self]
+        self.net = net
+
+    def copy_average_to(self, parameters):
+        with torch.no_grad():
+            for target, source in zip(parameters, self.net.parameters(), strict=True):
+                target.copy_(source)
+
+
+def test_the_term_trains_the_projector_and_the_blocks_up_to_the_student_only():
+    torch.manual_seed(0)
+    net = build_dit(8, 3, "tiny", 2)
+    with torch.no_grad():  # off the zero init, so every block carries a gradient
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    alignment = SelfRepresentationAlignment(net, student_block=2, teacher_block=4, projector_width=16)
+    objective, x0, keys = FlowMatching(FlowMatchEulerDiscreteScheduler()), torch.randn(2, 3, 8, 8), [5, 6]
+    with alignment.student_tokens(net) as tokens:
+        objective.loss(net, x0, keys)  # the objective's own forward, whose block-2 tokens the term uses
+    alignment.loss(objective, net, AverageOf(net), x0, keys, tokens[0]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in alignment.projector.parameters())
+    assert net.transformer_blocks[1].attn1.to_q.weight.grad.abs().sum() > 0
+    assert net.transformer_blocks[2].attn1.to_q.weight.grad is None and net.proj_out_2.weight.grad is None
+    (teacher,) = alignment._teacher
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "objective", [FlowMatching(FlowMatchEulerDiscreteScheduler()), DDPM(DDPMScheduler())]
+)
+def test_the_teacher_level_is_less_noisy_by_at_most_the_gap(objective):
+    keys = list(range(64))
+    times = objective.draw_times(keys, (3, 8, 8), "cpu")
+    earlier = objective.earlier_times(times, torch.full((64,), 0.2))
+    full_range = 1.0 if objective.kind == "flow" else objective.num_train_timesteps - 1
+    assert (earlier <= times).all() and (earlier >= 0).all()
+    assert ((times - earlier) <= 0.2 * full_range + 0.5).all()  # (DDPM rounds to whole steps)
+    assert (earlier < times).any()
+
+
+def test_a_training_run_keeps_the_projector_out_of_the_ema_and_the_export_and_stops_at_stop_step(tmp_path):
+    run_dir = tmp_path / "run"
+    run("train", "debug=fast", "data.image_size=8", *SRA, "model.alignment.stop_step=3", "trainer.max_steps=5",
+        f"hydra.run.dir={run_dir}", "callbacks.progress_bar.refresh_rate=0", "trainer.log_every_n_steps=1")  # fmt: skip
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    projector = [key for key in checkpoint["state_dict"] if key.startswith("alignment.projector.")]
+    network = [key for key in checkpoint["state_dict"] if key.startswith("net.")]
+    assert projector and len(checkpoint["callbacks"]["EMA"]["shadow_params"]) == len(network)
+    trained = checkpoint["optimizer_states"][0]["state"]
+    assert len(trained) == len(network) + len(projector)  # the optimizer trains both
+    exported = load_file(run_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not [key for key in exported if "projector" in key] and len(exported) == len(network)
+    header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
+    names = header.split(",")
+    logged = {}
+    for row in rows:
+        values = dict(zip(names, row.split(","), strict=True))
+        if values["train/align_loss"]:
+            logged[int(values["step"])] = float(values["train/align_loss"])
+    assert all(logged[step] != 0 for step in (0, 1, 2)) and all(logged[step] == 0 for step in (3, 4))  # HASTE
+
+
+def test_sra_names_what_it_needs():
+    unet = build_unet(
+        8, 3, [8, 16], [False, True], layers_per_block=1, norm_num_groups=4, attention_head_dim=4
+    )
+    with pytest.raises(ConfigError, match="model/net=dit"):
+        SelfRepresentationAlignment(unet)
+    dit = build_dit(8, 3, "tiny", 2)
+    with pytest.raises(ConfigError, match="blocks 1 to 6"):
+        SelfRepresentationAlignment(dit, student_block=2, teacher_block=8)
+    with pytest.raises(ConfigError, match="must come after"):
+        SelfRepresentationAlignment(dit, student_block=4, teacher_block=2)
+    alignment = SelfRepresentationAlignment(dit, student_block=2, teacher_block=4, projector_width=8)
+    with pytest.raises(ConfigError, match="callbacks.ema"):
+        alignment.teacher(dit, trainer=functools.partial(object)())

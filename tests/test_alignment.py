@@ -101,3 +101,52 @@ def test_sra_names_what_it_needs():
     alignment = SelfRepresentationAlignment(dit, student_block=2, teacher_block=4, projector_width=8)
     with pytest.raises(ConfigError, match="callbacks.ema"):
         alignment.teacher(dit, trainer=functools.partial(object)())
+
+
+TINY_ENCODER = ["model.alignment.encoder.name=vit_tiny_patch16_224", "model.alignment.encoder.image_size=32",
+                "model.alignment.encoder.pretrained=false", "model.alignment.projector_width=16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("net", ["dit", "unet_tiny"])
+def test_repa_aligns_a_dit_block_or_a_unet_mid_block_to_the_encoders_tokens(compose_config, net):
+    pytest.importorskip("timm")
+    from hydra.utils import instantiate
+
+    extra = ["model.net.size=tiny", "model.alignment.block=2"] if net == "dit" else []
+    cfg = compose_config("debug=fast", "data.image_size=8", f"model/net={net}", *extra, "model/alignment=repa",
+                         *TINY_ENCODER)  # fmt: skip
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    alignment, (encoder,) = model.alignment, model.alignment._encoder
+    assert not [key for key in model.state_dict() if "encoder" in key]  # rebuilt from its name, not saved
+    x0, keys = torch.rand(2, cfg.data.channels, 8, 8) * 2 - 1, [1, 2]  # (digits: one channel)
+    with alignment.student_tokens(model.net) as tokens:
+        model.objective.loss(model.net, x0, keys)
+    term = alignment.loss(model.objective, model.net, None, x0, keys, tokens[0])
+    term.backward()
+    assert -1 <= term.item() <= 1
+    assert all(p.grad is not None for p in alignment.projector.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    student = model.net.transformer_blocks[0] if net == "dit" else model.net.mid_block
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_encoder_tokens_are_resampled_onto_the_students_grid():
+    from diffusion_lab.models.alignment import on_grid
+
+    field = torch.arange(4.0).view(1, 2, 2).expand(1, 2, 2).reshape(1, 4, 1).repeat(1, 1, 3)  # 2 x 2 grid
+    resampled = on_grid(field, 16)
+    assert resampled.shape == (1, 16, 3)
+    assert torch.allclose(resampled.mean(), field.mean()) and torch.equal(on_grid(field, 4), field)
+    with pytest.raises(ValueError, match="square"):
+        on_grid(field, 8)
+
+
+def test_repa_without_timm_names_the_extra(monkeypatch):
+    import sys
+
+    from diffusion_lab.models.alignment import TimmEncoder
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ConfigError, match=r"diffusion_lab\[repa\]"):
+        TimmEncoder("vit_tiny_patch16_224", image_size=32, pretrained=False)

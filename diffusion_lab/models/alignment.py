@@ -1,6 +1,11 @@
 """Representation alignment: a loss term, added to any objective's, that pulls one block's tokens through a small
 projector toward target tokens of the same image.
 
+REPA (Yu et al. 2024, arXiv:2410.06940) takes the targets from a frozen pretrained encoder (DINOv2 ViT-B/14 by
+default, named by a timm model id): the clean image, resized and normalised as the encoder expects, gives patch
+tokens, interpolated to the network's token grid; a DiT aligns block `block` (REPA: 8), a UNet its mid-block
+(U-REPA, arXiv:2503.18414).
+
 SRA (Jiang et al. 2025, arXiv:2505.02831) needs no model from outside the run: the target is a later block of
 the run's own EMA network seeing the same image and noise at a lower noise level (its `t - max_gap * u`, u
 uniform per image), and the student is an earlier block at the training noise level. The loss is REPA's
@@ -14,6 +19,7 @@ snapshots and the exported pipeline hold the network alone.
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +43,24 @@ def projector(in_features: int, width: int, out_features: int) -> nn.Sequential:
 def negative_cosine(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-cos(token, target) per token (both (B, N, D)), averaged over tokens and images."""
     return -(F.normalize(tokens.float(), dim=-1) * F.normalize(targets.float(), dim=-1)).sum(-1).mean()
+
+
+def as_tokens(output) -> torch.Tensor:
+    """A block's output as (B, N, D) tokens: a UNet block's (B, C, H, W) map is flattened row by row."""
+    output = output[0] if isinstance(output, tuple) else output
+    return output.flatten(2).transpose(1, 2) if output.ndim == 4 else output
+
+
+def on_grid(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N, D) tokens of a square grid resampled (bilinear) to a square grid of `count` tokens."""
+    side, new_side = math.isqrt(tokens.shape[1]), math.isqrt(count)
+    if side * side != tokens.shape[1] or new_side * new_side != count:
+        raise ValueError(f"token grids must be square: {tokens.shape[1]} and {count} tokens")
+    if side == new_side:
+        return tokens
+    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+    grid = F.interpolate(grid.float(), size=(new_side, new_side), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
 def transformer_block(net: nn.Module, index: int, key: str) -> nn.Module:
@@ -149,3 +173,99 @@ class SelfRepresentationAlignment(nn.Module):
         with torch.no_grad(), tapped(block, stop=True) as outputs:
             teacher(objective.noisy(x0, noise, earlier), objective.network_timesteps(earlier), **net_kwargs)
         return negative_cosine(self.projector(tokens), outputs[0])
+
+
+class TimmEncoder(nn.Module):
+    """A frozen timm vision transformer's patch tokens of images in [-1, 1], resized (bicubic) to `image_size` and
+    normalised with the encoder's own mean and std. `pretrained` loads the hub weights (DINOv2 for REPA's
+    default) or, with `checkpoint`, a local file of them (e.g. a stand-in encoder trained here)."""
+
+    def __init__(
+        self,
+        name: str = "vit_base_patch14_dinov2.lvd142m",
+        image_size: int = 224,
+        pretrained: bool = True,
+        checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError as error:
+            raise ConfigError(
+                f"model/alignment=repa reads its encoder with timm: pip install 'diffusion_lab[repa]' ({error})"
+            ) from None
+        overlay = {"file": checkpoint} if checkpoint else None
+        self.model = timm.create_model(name, pretrained=pretrained or bool(checkpoint), num_classes=0,
+                                       img_size=image_size, pretrained_cfg_overlay=overlay)  # fmt: skip
+        self.model.eval().requires_grad_(False)
+        config = timm.data.resolve_model_data_config(self.model)
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.image_size = image_size
+
+    @property
+    def width(self) -> int:
+        return self.model.embed_dim
+
+    def train(self, mode: bool = True) -> "TimmEncoder":
+        return super().train(False)  # frozen: always in eval mode
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1) / 2
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        tokens = self.model.forward_features((x.clamp(0, 1) - self.mean) / self.std)
+        return tokens[:, self.model.num_prefix_tokens :]
+
+
+class RepresentationAlignment(nn.Module):
+    """REPA: block `block` of a DiT (or a UNet's mid-block: U-REPA), through the projector, aligned to a frozen
+    encoder's patch tokens of the clean image. The encoder is held outside the module's state (not checkpointed:
+    it is rebuilt from its name)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        encoder: nn.Module,
+        weight: float = 0.5,
+        block: int = 8,
+        projector_width: int = 2048,
+        stop_step: int | None = None,
+    ) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"model.alignment.weight must be >= 0, got {weight}")
+        self.block, self.weight, self.stop_step = block, float(weight), stop_step
+        if hasattr(net, "transformer_blocks"):
+            transformer_block(net, block, "model.alignment.block")
+            width = net.config.num_attention_heads * net.config.attention_head_dim
+        elif getattr(net, "mid_block", None) is not None:  # U-REPA
+            width = net.config.block_out_channels[-1]
+        else:
+            raise ConfigError(
+                f"model/alignment=repa aligns a DiT block or a UNet mid-block; {type(net).__name__} has neither"
+            )
+        self._encoder = [encoder.eval().requires_grad_(False)]  # a list: not a submodule, not checkpointed
+        self.projector = projector(width, projector_width, encoder.width)
+
+    def active(self, step: int) -> bool:
+        return self.weight > 0 and (self.stop_step is None or step < self.stop_step)
+
+    def _block(self, net: nn.Module) -> nn.Module:
+        if hasattr(net, "transformer_blocks"):
+            return transformer_block(net, self.block, "model.alignment.block")
+        return net.mid_block
+
+    @contextlib.contextmanager
+    def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:
+        with tapped(self._block(net)) as outputs:
+            yield outputs
+
+    def loss(self, objective, net, trainer, x0: torch.Tensor, keys: list[int], tokens, **net_kwargs):
+        """The REPA term for a batch of clean images `x0` whose student block output is `tokens`."""
+        encoder = self._encoder[0].to(x0.device)
+        tokens = as_tokens(tokens)
+        targets = on_grid(encoder(x0), tokens.shape[1])
+        return negative_cosine(self.projector(tokens), targets)

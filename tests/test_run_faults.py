@@ -107,7 +107,8 @@ def test_sigterm_during_the_final_fid_exits_143_and_the_resume_does_only_that_wo
     # The FID is the last end-of-run work: the grid and the export before it were done, the score was not.
     args = ["train", "debug=fast", "data.image_size=16", "callbacks=[default,sample_quality]",
             "feature_extractor@callbacks.sample_quality.feature_extractor=random_conv",
-            "callbacks.sample_quality.num_samples=256", "callbacks.sample_quality.batch_size=16",
+            "callbacks.sample_quality.num_samples=64", "callbacks.sample_quality.batch_size=16",
+            "callbacks.sample_quality.num_inference_steps=4",
             "callbacks.progress_bar.refresh_rate=0", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     straight, run_dir = tmp_path / "straight", tmp_path / "stopped"
     main([*args, f"hydra.run.dir={straight}"])

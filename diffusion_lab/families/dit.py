@@ -1,7 +1,6 @@
 """The transformer family: a DiT / SiT (`networks.dit.DiffusionTransformer`) on pixels in [-1, 1]."""
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from diffusion_lab.families.registry import register
 from diffusion_lab.generation.samplers import PixelSampler
 from diffusion_lab.networks.dit import DiffusionTransformer, from_stock, to_stock
 from diffusion_lab.pipelines import transformer_pixel
+from diffusion_lab.pipelines.folders import save_with_code, saved_scheduler
 from diffusion_lab.pipelines.transformer_pixel import PixelTransformerPipeline
 
 
@@ -39,16 +39,12 @@ class PixelTransformer(Family):
 
     def load_pipeline(self, name_or_path: str, **kwargs):
         """This package's pipeline class over the folder's weights: the folder's own copy of its code is not run."""
-        import diffusers
-
         folder = Path(name_or_path)
-        scheduler_config = diffusers.DDPMScheduler.load_config(folder / "scheduler")
-        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
         saved = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
         transformer = network_class(saved).from_pretrained(
             folder / "transformer", torch_dtype=kwargs.get("torch_dtype")
         )  # the stock DiT, or this package's for learned position embeddings
-        return PixelTransformerPipeline(transformer=transformer, scheduler=scheduler)
+        return PixelTransformerPipeline(transformer=transformer, scheduler=saved_scheduler(folder))
 
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         return ModelParts(from_stock(pipeline.transformer), pipeline.scheduler)
@@ -57,13 +53,5 @@ class PixelTransformer(Family):
         return PixelSampler(parts.net, parts.noise_scheduler)
 
     def save_pipeline(self, parts: ModelParts, folder: Path) -> Path:
-        folder = Path(folder)
-        PixelTransformerPipeline(
-            transformer=to_stock(parts.net), scheduler=parts.noise_scheduler
-        ).save_pretrained(folder)
-        shutil.copyfile(transformer_pixel.__file__, folder / "pipeline.py")
-        index_path = folder / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = ["pipeline", PixelTransformerPipeline.__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return folder
+        pipeline = PixelTransformerPipeline(transformer=to_stock(parts.net), scheduler=parts.noise_scheduler)
+        return save_with_code(pipeline, transformer_pixel, folder)

@@ -99,7 +99,30 @@ def tapped(block: nn.Module, stop: bool = False) -> Iterator[list[torch.Tensor]]
         handle.remove()
 
 
-class SelfRepresentationAlignment(nn.Module):
+class AlignmentTerm(nn.Module):
+    """What the training step asks of an alignment term: its `weight`, whether it runs at a step (`stop_step`),
+    the student block's tokens, and the term (`loss`)."""
+
+    def __init__(self, weight: float, stop_step: int | None) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"model.alignment.weight must be >= 0, got {weight}")
+        self.weight, self.stop_step = float(weight), stop_step
+
+    def active(self, step: int) -> bool:
+        return self.weight > 0 and (self.stop_step is None or step < self.stop_step)
+
+    def student(self, net: nn.Module) -> nn.Module:
+        """The block whose output the term aligns."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:
+        with tapped(self.student(net)) as outputs:
+            yield outputs
+
+
+class SelfRepresentationAlignment(AlignmentTerm):
     """SRA: block `student_block` at the training noise level, through the projector, aligned to block
     `teacher_block` of the EMA network (`callbacks.ema`) at a noise level up to `max_gap` of the full range lower
     (SRA's defaults for SiT-XL/2: blocks 8 and 20, gap 0.2; for smaller nets an early and a middle block)."""
@@ -114,11 +137,9 @@ class SelfRepresentationAlignment(nn.Module):
         projector_width: int = 2048,
         stop_step: int | None = None,
     ) -> None:
-        super().__init__()
-        if weight < 0 or not 0 < max_gap <= 1:
-            raise ConfigError(
-                f"model.alignment needs weight >= 0 and 0 < max_gap <= 1, got {weight}, {max_gap}"
-            )
+        super().__init__(weight, stop_step)
+        if not 0 < max_gap <= 1:
+            raise ConfigError(f"model.alignment.max_gap must be in (0, 1], got {max_gap}")
         transformer_block(net, student_block, "model.alignment.student_block")
         transformer_block(net, teacher_block, "model.alignment.teacher_block")
         if teacher_block <= student_block:
@@ -127,20 +148,15 @@ class SelfRepresentationAlignment(nn.Module):
                 "SRA aligns an earlier block to a later one"
             )
         self.student_block, self.teacher_block = student_block, teacher_block
-        self.weight, self.max_gap, self.stop_step = float(weight), float(max_gap), stop_step
+        self.max_gap = float(max_gap)
         width = net.config.num_attention_heads * net.config.attention_head_dim
         self.projector = projector(width, projector_width, width)
         self._teacher: list[
             nn.Module
         ] = []  # a copy of `net` holding the EMA weights; a list: not a submodule
 
-    def active(self, step: int) -> bool:
-        return self.weight > 0 and (self.stop_step is None or step < self.stop_step)
-
-    @contextlib.contextmanager
-    def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:
-        with tapped(transformer_block(net, self.student_block, "model.alignment.student_block")) as outputs:
-            yield outputs
+    def student(self, net: nn.Module) -> nn.Module:
+        return transformer_block(net, self.student_block, "model.alignment.student_block")
 
     def teacher(self, net: nn.Module, trainer) -> nn.Module:
         """`net`'s architecture with the EMA's current weights (refreshed every call; frozen, eval mode)."""
@@ -220,7 +236,7 @@ class TimmEncoder(nn.Module):
         return tokens[:, self.model.num_prefix_tokens :]
 
 
-class RepresentationAlignment(nn.Module):
+class RepresentationAlignment(AlignmentTerm):
     """REPA: block `block` of a DiT (or a UNet's mid-block: U-REPA), through the projector, aligned to a frozen
     encoder's patch tokens of the clean image. The encoder is held outside the module's state (not checkpointed:
     it is rebuilt from its name)."""
@@ -234,10 +250,8 @@ class RepresentationAlignment(nn.Module):
         projector_width: int = 2048,
         stop_step: int | None = None,
     ) -> None:
-        super().__init__()
-        if weight < 0:
-            raise ConfigError(f"model.alignment.weight must be >= 0, got {weight}")
-        self.block, self.weight, self.stop_step = block, float(weight), stop_step
+        super().__init__(weight, stop_step)
+        self.block = block
         if hasattr(net, "transformer_blocks"):
             transformer_block(net, block, "model.alignment.block")
             width = net.config.num_attention_heads * net.config.attention_head_dim
@@ -250,18 +264,10 @@ class RepresentationAlignment(nn.Module):
         self._encoder = [encoder.eval().requires_grad_(False)]  # a list: not a submodule, not checkpointed
         self.projector = projector(width, projector_width, encoder.width)
 
-    def active(self, step: int) -> bool:
-        return self.weight > 0 and (self.stop_step is None or step < self.stop_step)
-
-    def _block(self, net: nn.Module) -> nn.Module:
+    def student(self, net: nn.Module) -> nn.Module:
         if hasattr(net, "transformer_blocks"):
             return transformer_block(net, self.block, "model.alignment.block")
         return net.mid_block
-
-    @contextlib.contextmanager
-    def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:
-        with tapped(self._block(net)) as outputs:
-            yield outputs
 
     def loss(self, objective, net, trainer, x0: torch.Tensor, keys: list[int], tokens, **net_kwargs):
         """The REPA term for a batch of clean images `x0` whose student block output is `tokens`."""

@@ -1,7 +1,6 @@
 """A pixel model as a diffusers pipeline folder: `DiffusionPipeline.from_pretrained(folder)` loads and runs it."""
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ from diffusers import DDPMPipeline
 
 from diffusion_lab.pipelines import class_conditional
 from diffusion_lab.pipelines.class_conditional import ClassConditionalDDPMPipeline
+from diffusion_lab.pipelines.folders import save_with_code, saved_scheduler
 
 
 def save_pixel_pipeline(net: torch.nn.Module, noise_scheduler, folder: str | Path) -> Path:
@@ -19,13 +19,9 @@ def save_pixel_pipeline(net: torch.nn.Module, noise_scheduler, folder: str | Pat
     if not net.config.num_class_embeds:
         DDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained(folder)
         return folder
-    ClassConditionalDDPMPipeline(unet=net, scheduler=noise_scheduler).save_pretrained(folder)
-    shutil.copyfile(class_conditional.__file__, folder / "pipeline.py")
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_class_name"] = ["pipeline", ClassConditionalDDPMPipeline.__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return folder
+    return save_with_code(
+        ClassConditionalDDPMPipeline(unet=net, scheduler=noise_scheduler), class_conditional, folder
+    )
 
 
 def is_class_conditional_export(folder: str | Path) -> bool:
@@ -39,9 +35,7 @@ def is_class_conditional_export(folder: str | Path) -> bool:
 def load_class_conditional_export(folder: str | Path, dtype: torch.dtype | None = None):
     """This package's `ClassConditionalDDPMPipeline` over the folder's weights: the folder's own copy of the
     code (which diffusers runs only with `trust_remote_code=True`) is not executed."""
-    import diffusers
+    from diffusers import UNet2DModel
 
-    scheduler_config = diffusers.DDPMScheduler.load_config(Path(folder) / "scheduler")
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    unet = diffusers.UNet2DModel.from_pretrained(Path(folder) / "unet", torch_dtype=dtype)
-    return ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler)
+    unet = UNet2DModel.from_pretrained(Path(folder) / "unet", torch_dtype=dtype)
+    return ClassConditionalDDPMPipeline(unet=unet, scheduler=saved_scheduler(folder))

@@ -17,6 +17,7 @@ The projector is trained and checkpointed with the LightningModule, outside `net
 snapshots and the exported pipeline hold the network alone.
 """
 
+import abc
 import contextlib
 import copy
 import math
@@ -99,7 +100,7 @@ def tapped(block: nn.Module, stop: bool = False) -> Iterator[list[torch.Tensor]]
         handle.remove()
 
 
-class AlignmentTerm(nn.Module):
+class AlignmentTerm(nn.Module, abc.ABC):
     """What the training step asks of an alignment term: its `weight`, whether it runs at a step (`stop_step`),
     the student block's tokens, and the term (`loss`)."""
 
@@ -112,9 +113,9 @@ class AlignmentTerm(nn.Module):
     def active(self, step: int) -> bool:
         return self.weight > 0 and (self.stop_step is None or step < self.stop_step)
 
+    @abc.abstractmethod
     def student(self, net: nn.Module) -> nn.Module:
         """The block whose output the term aligns."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:

@@ -150,3 +150,11 @@ def test_repa_without_timm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ConfigError, match=r"diffusion_lab\[repa\]"):
         TimmEncoder("vit_tiny_patch16_224", image_size=32, pretrained=False)
+
+
+def test_alignment_with_compile_is_refused_before_training(capsys, tmp_path):
+    from tests.test_renamed import refused
+
+    output = refused(capsys, "train", "debug=fast", "data.image_size=8", *SRA, "compile=true",
+                     f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert "compile=true with model.alignment" in output

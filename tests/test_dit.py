@@ -93,3 +93,14 @@ def test_the_exported_folder_loads_in_diffusers_and_draws_what_the_sampler_draws
     assert type(loaded) is type(net) and settings(loaded) == settings(net)
     for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_exported_pipeline_runs_with_the_flow_scheduler_it_was_trained_with(tmp_path):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from diffusion_lab.families import ModelParts, family_named
+
+    family_named("dit").save_pipeline(ModelParts(tiny().eval(), FlowMatchEulerDiscreteScheduler()), tmp_path)
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    images = pipeline(num_images=2, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 8, 8) and images.min() >= 0 and images.max() <= 1

@@ -60,7 +60,8 @@ def on_grid(tokens: torch.Tensor, count: int) -> torch.Tensor:
     if side == new_side:
         return tokens
     grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-    grid = F.interpolate(grid.float(), size=(new_side, new_side), mode="bilinear", align_corners=False)
+    grid = F.interpolate(grid.float(), size=(new_side, new_side), mode="bilinear", align_corners=False,
+                         antialias=new_side < side)  # (shrinking: every token counts)  # fmt: skip
     return grid.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
@@ -76,7 +77,7 @@ def transformer_block(net: nn.Module, index: int, key: str) -> nn.Module:
     return blocks[index - 1]
 
 
-class _Tapped(Exception):
+class _Tapped(BaseException):  # not an Exception: no `except Exception` on the way may swallow it
     """Ends a forward pass once the tapped block has run (the teacher's later blocks are not needed)."""
 
 

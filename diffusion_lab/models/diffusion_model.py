@@ -83,8 +83,9 @@ class DiffusionModel(L.LightningModule, abc.ABC):
                 term = alignment.loss(
                     self.objective, self.net, self.trainer, x0, keys, tokens[0], **conditioning
                 )
-            else:
+            else:  # the projector in the graph at zero: DDP expects a gradient for every parameter
                 loss = self.objective.loss(self.net, x0, keys, **conditioning)
+                term = term + 0 * sum(parameter.sum() for parameter in alignment.parameters())
             self.log("train/diffusion_loss", loss, sync_dist=True)
             self.log("train/align_loss", term, sync_dist=True)
             loss = loss + alignment.weight * term

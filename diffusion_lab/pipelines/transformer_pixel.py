@@ -13,6 +13,8 @@ learned position embeddings, which the stock class cannot hold, diffusion_lab's 
 folder needs diffusion_lab installed.
 """
 
+import inspect
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -58,14 +60,18 @@ class PixelTransformerPipeline(DiffusionPipeline):
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
         device = self._execution_device
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        image = image * self.scheduler.init_noise_sigma
+        image = image * getattr(self.scheduler, "init_noise_sigma", 1.0)  # (flow-match schedulers have none)
         labels = labels.to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        stochastic = "generator" in inspect.signature(self.scheduler.step).parameters
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(image, t)
+            model_input = image
+            if hasattr(self.scheduler, "scale_model_input"):
+                model_input = self.scheduler.scale_model_input(image, t)
             timesteps = torch.as_tensor(t, device=device).expand(len(labels))
             output = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
-            image = self.scheduler.step(output, t, image).prev_sample
+            extra = {"generator": generator} if stochastic else {}
+            image = self.scheduler.step(output, t, image, **extra).prev_sample
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -95,6 +95,16 @@ class Objective(abc.ABC):
         """The clean image implied by a network output at x_t."""
 
     # ---- the loss --------------------------------------------------------------------------------------
+    def draws(
+        self, x0: torch.Tensor, keys: list[int], times: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise levels, noise) of a batch: keyed, so every caller (the loss, an alignment teacher) gets the
+        same ones for the same keys."""
+        shape = tuple(x0.shape[1:])
+        if times is None:
+            times = self.draw_times(keys, shape, x0.device)
+        return times, keyed_normal(keys, shape, x0.device, x0.dtype, offset=self.noise_offset)
+
     def loss(
         self,
         net: torch.nn.Module,
@@ -107,10 +117,7 @@ class Objective(abc.ABC):
         """The weighted mean squared error of the network's prediction on a batch of clean inputs `x0`
         (pixels or latents). `keys` seed each image's draws; passing `times` fixes the noise levels, as
         held-out validation does."""
-        shape = tuple(x0.shape[1:])
-        if times is None:
-            times = self.draw_times(keys, shape, x0.device)
-        noise = keyed_normal(keys, shape, x0.device, x0.dtype, offset=self.noise_offset)
+        times, noise = self.draws(x0, keys, times)
         prediction = net(self.noisy(x0, noise, times), self.network_timesteps(times), **net_kwargs).sample
         target = self.target(x0, noise, times)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.core.random import keyed_normal, keyed_uniform, salted
+from diffusion_lab.core.random import keyed_uniform, salted
 from diffusion_lab.errors import ConfigError
 
 TEACHER_GAP_SALT = 0x5AA
@@ -181,9 +181,7 @@ class SelfRepresentationAlignment(AlignmentTerm):
     ):
         """The SRA term for a training batch whose student tokens (`student_tokens`) are `tokens`: the same
         images and noise the objective drew for these keys, at the teacher's lower noise level."""
-        shape = tuple(x0.shape[1:])
-        times = objective.draw_times(keys, shape, x0.device)
-        noise = keyed_normal(keys, shape, x0.device, x0.dtype, offset=objective.noise_offset)
+        times, noise = objective.draws(x0, keys)
         gaps = self.max_gap * keyed_uniform(salted(keys, TEACHER_GAP_SALT), x0.device)
         earlier = objective.earlier_times(times, gaps)
         teacher = self.teacher(net, trainer)

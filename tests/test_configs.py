@@ -37,6 +37,11 @@ def test_every_experiment_composes_and_builds_its_model(compose_config, experime
             cfg = compose_config(f"experiment={experiment}", f"model.pretrained={tiny_sd}")
         model = instantiate(cfg.model)
         assert model.net.training and not model.vae.training
+    elif cfg.model._target_.endswith("LatentDiT"):  # the net's side is the VAE's latents'
+        model = instantiate(cfg.model)
+        size = cfg.data.image_size
+        pixels = torch.zeros(1, cfg.data.channels, size, size)
+        assert model.clean_inputs({"pixels": pixels}, [0]).shape[-1] == model.net.config.sample_size
     else:
         model = instantiate(cfg.model)
         assert model.net.config.sample_size == cfg.data.image_size
@@ -197,3 +202,20 @@ def test_the_optuna_search_composes(compose_config):
         cfg = compose("train", overrides=["hparams_search=digits_optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.optimized_metric == "val/loss"
     assert set(cfg.hydra.sweeper.params) == {"model.lr", "model.objective.noise_offset", "data.batch_size"}
+
+
+@pytest.mark.parametrize(
+    "preset,net,alignment",
+    [("unet", "build_unet", None), ("sit_tiny", "build_dit", None), ("sit_s", "build_dit", None),
+     ("sit_sra", "build_dit", "SelfRepresentationAlignment"), ("sit_repa", "build_dit", "RepresentationAlignment")],
+)  # fmt: skip
+def test_each_arm_of_the_transformers_study_composes_its_net_and_alignment(
+    compose_config, preset, net, alignment
+):
+    cfg = compose_config("experiment=sit_flowers", f"backbone_preset={preset}")
+    assert cfg.model.net._target_.endswith(net) and cfg.run_name == "sit_flowers"
+    assert (cfg.model.alignment or {}).get("_target_", "").endswith(alignment or "")
+    if net == "build_dit":  # the study's sizes: SiT-tiny/2 and SiT-S/4
+        assert (cfg.model.net.size, cfg.model.net.patch_size) == (
+            ("S", 4) if preset == "sit_s" else ("tiny", 2)
+        )

@@ -3,7 +3,9 @@ position embeddings, and the errors that name the valid choices."""
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
+from diffusion_lab.core import FlowMatching
 from diffusion_lab.networks import build_dit
 
 
@@ -104,3 +106,95 @@ def test_the_exported_pipeline_runs_with_the_flow_scheduler_it_was_trained_with(
     pipeline = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     images = pipeline(num_images=2, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
+
+
+def test_a_tiny_dit_overfits_eight_images():
+    torch.manual_seed(0)
+    net = build_dit(8, 3, "tiny", 2)
+    objective = FlowMatching(FlowMatchEulerDiscreteScheduler())
+    images = torch.rand(8, 3, 8, 8) * 2 - 1
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(100):  # the same keys every step: the same noise and levels, which it can memorise
+        loss = objective.loss(net, images, list(range(8)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.1 * first, (first, last)
+
+
+def test_ddp_on_two_cpu_processes_trains_a_dit_with_sra_as_one_process_does(tmp_path):
+    """Two ranks of half the batch each end on one process's weights: the DiT, SRA's projector (in the graph at
+    zero after its stop step) and the EMA teacher all stay in step."""
+    from tests.test_commands import cli
+    from tests.test_families import run
+
+    common = ["debug=fast", "data.image_size=8", "model/net=dit", "model.net.size=tiny", "model/alignment=sra",
+              "model.alignment.student_block=2", "model.alignment.teacher_block=4",
+              "model.alignment.projector_width=16", "model.alignment.stop_step=2", "trainer.max_steps=3",
+              "val_every_n_steps=100", "callbacks.model_checkpoint.every_n_train_steps=3",
+              "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
+              f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    run("train", *common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}")
+    cli("train", *common, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}")
+    one, two = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("one", "two")
+    )
+    assert two["global_step"] == one["global_step"] == 3
+    assert any(key.startswith("alignment.projector.") for key in two["state_dict"])
+    for name, value in two["state_dict"].items():
+        torch.testing.assert_close(value, one["state_dict"][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_the_latent_dit_keeps_its_vae_frozen_and_out_of_checkpoints_and_names_the_latent_size(compose_config):
+    from hydra.utils import instantiate
+
+    from diffusion_lab.errors import ConfigError
+
+    cfg = compose_config("experiment=dit_latent_tiny")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    vae = model.encoder.vae
+    assert not [key for key in model.state_dict() if "vae" in key or "encoder" in key]
+    assert not any(parameter.requires_grad for parameter in vae.parameters())
+    batch = {
+        "pixels": torch.rand(2, 3, 32, 32) * 2 - 1,
+        "label": torch.tensor([3, 7]),
+        "index": torch.arange(2),
+    }
+    x0 = model.clean_inputs(batch, [0, 1])
+    assert x0.shape == (2, 4, 16, 16)  # the tiny VAE halves each side
+    model.objective.loss(model.net, x0, [0, 1], **model.conditioning(batch)).backward()
+    assert all(parameter.grad is None for parameter in vae.parameters())
+    wrong = instantiate(compose_config("experiment=dit_latent_tiny", "model.net.sample_size=8").model)
+    with pytest.raises(ConfigError, match="set model.net.sample_size=16"):
+        wrong.clean_inputs(batch, [0, 1])
+
+
+def test_the_latent_export_is_a_stock_dit_pipeline_that_draws_what_sample_draws(tmp_path):
+    from diffusers import DiTPipeline
+
+    from diffusion_lab.families import ModelParts, family_named
+    from diffusion_lab.families.sd_parts import load_vae
+    from diffusion_lab.families.tiny import ensure_tiny_vae
+    from diffusion_lab.generation import SampleSettings
+
+    vae = load_vae(ensure_tiny_vae(tmp_path / "tiny-sd", sample_size=16))
+    net = tiny(sample_size=8, in_channels=4, num_class_embeds=10).eval()
+    with torch.no_grad():  # a trained-looking network: the zero init would draw noise alone
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    family, parts = (
+        family_named("dit_latent"),
+        ModelParts(net, FlowMatchEulerDiscreteScheduler(), {"vae": vae}),
+    )
+    family.save_pipeline(parts, tmp_path / "export")
+    ours = family.sampler(parts).generate([3, 4], SampleSettings(num_inference_steps=3), class_labels=[5, 9])
+    pipeline = DiTPipeline.from_pretrained(tmp_path / "export")  # stock diffusers, as a user loads it
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in (3, 4)]
+    theirs = pipeline(class_labels=[5, 9], guidance_scale=1.0, generator=generators, num_inference_steps=3,
+                      output_type="pt").images  # fmt: skip
+    assert theirs.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(((ours + 1) / 2).clamp(0, 1), theirs, atol=1e-5, rtol=0)

@@ -49,6 +49,16 @@ def _trains(model, loader, steps: int = 2) -> None:
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_trains_the_dit(compose_config, objective):
+    cfg = compose_config(*TINY, "model/net=dit", "model.net.size=tiny", "model.lr_scheduler.num_warmup_steps=0",
+                         *OBJECTIVES[objective])  # fmt: skip
+    torch.manual_seed(0)
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    data.setup("fit")
+    _trains(model, data.train_dataloader(), steps=3)  # (adaLN-Zero: the blocks' weights move from step 2)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_every_objective_trains_the_pixel_model(compose_config, objective):
     cfg = compose_config(*TINY, "model.lr_scheduler.num_warmup_steps=0", *OBJECTIVES[objective])
     torch.manual_seed(0)

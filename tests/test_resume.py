@@ -38,8 +38,14 @@ def _run(compose_config, out_dir, *overrides):
             "model/noise_scheduler=flow_match",
             "model/objective/timesteps=logit_normal",
         ],
+        [
+            "model/objective=flow_matching",
+            "model/noise_scheduler=flow_match",
+            "model/net=dit",
+            "model.net.size=tiny",
+        ],
     ],
-    ids=["ddpm", "flow_matching"],
+    ids=["ddpm", "flow_matching", "sit"],
 )
 def test_resume_equals_straight_run(compose_config, tmp_path, objective):
     straight, straight_ema, _ = _run(compose_config, tmp_path / "straight", *objective)

@@ -8,7 +8,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.errors import ConfigError
 from diffusion_lab.runs.performance import apply_speed_settings, effective_batch_size, scaled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,6 @@ def build_run(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule
         with open_dict(cfg):
             cfg.model.lr = lr
     model = instantiate(cfg.model)
-    if cfg.get("compile") and getattr(model, "alignment", None) is not None:
-        raise ConfigError(
-            "compile=true with model.alignment: a compiled network keeps the hooks it was compiled with, so the "
-            "aligned block's tokens would not be read; use compile=false or model/alignment=none"
-        )
     apply_speed_settings(
         model.net, compile=cfg.get("compile", False), channels_last=cfg.get("channels_last", False),
         matmul_precision=cfg.get("matmul_precision", "highest"),

@@ -272,6 +272,19 @@ class ImageDataModule(L.LightningDataModule):
         dataset = dict(zip(("train", "val"), self._splits(), strict=True))[split]
         return content_listing(dataset, self.hparams.image_column)
 
+    def cache_refusal(self, split: str) -> str | None:
+        """Why a cache of one entry per image (and orientation) of `split`, such as REPA's encoder features,
+        would not hold what training sees; None where it would."""
+        if self.hparams.streaming:
+            return "streamed data has no file listing to key a cache by"
+        if split == "train" and (not self.hparams.center_crop or self.bucket_set is not None):
+            return "random crops and aspect buckets give each step other pixels of an image"
+        return None
+
+    def num_examples(self, split: str) -> int:
+        """Rows of a local split (before undecodable ones are skipped)."""
+        return len(dict(zip(("train", "val"), self._splits(), strict=True))[split])
+
     def prepare_data(self) -> None:
         # Once per node before any rank's setup: one process builds the caches.
         if self.hparams.pixel_cache:
@@ -333,12 +346,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Workers ship uint8; the conversion to [-1, 1] floats runs on the training device, and so do the
-        training flips, keyed on (seed, step, image) as the latent cache keys its choice of orientation."""
+        training flips, keyed on (seed, step, image) as the latent cache keys its choice of orientation
+        (`flipped`: which were mirrored)."""
         batch = {**batch, "pixels": to_signed_unit(batch["pixels"])}
         trainer = self.trainer
         if self.hparams.random_flip and trainer is not None and trainer.training:
             flips = random_flips(self.hparams.seed, trainer.global_step, batch["index"])
-            batch["pixels"] = flip_rows(batch["pixels"], flips)
+            batch["pixels"], batch["flipped"] = flip_rows(batch["pixels"], flips), flips
             if "crop_geometry" in batch:
                 batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], flips)
         return batch

@@ -145,7 +145,7 @@ class LatentCacheDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Pick one orientation per image: in training the one `random_flips` picks for the image at this step
-        (what the image path would have flipped), the unflipped one otherwise."""
+        (what the image path would have flipped), the unflipped one otherwise; `flipped` says which."""
         mean, std = batch["latent_mean"], batch["latent_std"]
         rows = torch.arange(len(mean), device=mean.device)
         if mean.shape[1] > 1 and self.trainer is not None and self.trainer.training:
@@ -153,7 +153,8 @@ class LatentCacheDataModule(L.LightningDataModule):
             choice = flips.long().to(mean.device)
         else:
             choice = torch.zeros(len(mean), dtype=torch.long, device=mean.device)
-        batch = {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice]}
+        batch = {**batch, "latent_mean": mean[rows, choice], "latent_std": std[rows, choice],
+                 "flipped": choice.bool()}  # fmt: skip
         if "crop_geometry" in batch:
             batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], choice.bool())
         return batch

@@ -11,17 +11,23 @@ import torch
 
 from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.families.prompts import PromptEmbeddings
-from diffusion_lab.families.sd_parts import frozen_parts_fingerprint, load_text_and_vae
+from diffusion_lab.families.sd_parts import (
+    frozen_parts_fingerprint,
+    load_text_and_vae,
+    load_vae,
+    vae_fingerprint,
+)
 
 
 class LatentEncoder:
     """The frozen VAE and text encoder(s) of `pretrained` (and the replacement `vae`, if any), loaded on
-    first use unless `frozen` hands over parts already loaded. `vae_dtype` (None: follow training) keeps the
+    first use unless `frozen` hands over parts already loaded; with no `pretrained`, the VAE `vae` alone (a
+    network trained from scratch on its latents: the latent DiT). `vae_dtype` (None: follow training) keeps the
     VAE in its own dtype outside autocast: the SD VAE overflows in fp16 (diffusers issue 4424)."""
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None,
         revision: str | None = None,
         vae: str | None = None,
         vae_dtype: str | None = "float32",
@@ -36,14 +42,22 @@ class LatentEncoder:
     def key(self) -> dict:
         """What anything cached from these encoders is keyed on: the exact files and the dtypes."""
         if self._fingerprint is None:
-            self._fingerprint = frozen_parts_fingerprint(self.pretrained, self.revision, self.vae_name)
+            self._fingerprint = (
+                frozen_parts_fingerprint(self.pretrained, self.revision, self.vae_name)
+                if self.pretrained
+                else vae_fingerprint(self.vae_name)
+            )
         return {"frozen_parts": self._fingerprint, "vae_dtype": str(self.vae_dtype),
                 "text_encoder_dtype": str(self.text_encoder_dtype)}  # fmt: skip
 
     @property
     def frozen(self) -> dict:
         if self._frozen is None:
-            self._frozen = load_text_and_vae(self.pretrained, self.revision, self.vae_name)
+            self._frozen = (
+                load_text_and_vae(self.pretrained, self.revision, self.vae_name)
+                if self.pretrained
+                else {"vae": load_vae(self.vae_name)}
+            )
             self.to(torch.device("cpu"))
         return self._frozen
 
@@ -55,7 +69,7 @@ class LatentEncoder:
         """The VAE (in `vae_dtype`) and text encoders (in `text_encoder_dtype`) on `device`."""
         frozen = self.frozen
         frozen["vae"].to(device=device, dtype=dtype_from_name(self.vae_dtype))
-        for encoder in frozen["prompts"].text_encoders:
+        for encoder in frozen["prompts"].text_encoders if "prompts" in frozen else ():
             encoder.to(device=device, dtype=dtype_from_name(self.text_encoder_dtype))
         return self
 

@@ -38,6 +38,13 @@ def decode_in_own_dtype(vae: AutoencoderKL) -> AutoencoderKL:
     return vae
 
 
+def load_vae(pretrained_model_name_or_path: str, **kwargs) -> AutoencoderKL:
+    """A frozen VAE (eval mode, no gradients) from a hub id or folder (`stabilityai/sd-vae-ft-ema`,
+    `DIR/vae`), its decoder fed in its own dtype."""
+    vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    return decode_in_own_dtype(vae.requires_grad_(False).eval())
+
+
 def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | None = None) -> dict:
     """The frozen parts, `requires_grad_(False)` and in eval mode: the tokenizer(s), text encoder(s) (SDXL:
     `text_encoder_2` with its projection) and the VAE, from `pretrained`'s `vae/` or from `vae`, a folder
@@ -48,19 +55,16 @@ def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | N
     parts = {
         "tokenizer": CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer"),
         "text_encoder": CLIPTextModel.from_pretrained(**source, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(vae)
-        if vae
-        else AutoencoderKL.from_pretrained(**source, subfolder="vae"),
+        "vae": load_vae(vae) if vae else load_vae(**source, subfolder="vae"),
     }
     if has_second_text_encoder(index):
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer_2")
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             **source, subfolder="text_encoder_2"
         )
-    for name in ("text_encoder", "text_encoder_2", "vae"):
+    for name in ("text_encoder", "text_encoder_2"):
         if name in parts:
             parts[name].requires_grad_(False).eval()
-    decode_in_own_dtype(parts["vae"])
     parts["prompts"] = PromptEncoder(
         [parts[name] for name in ("tokenizer", "tokenizer_2") if name in parts],
         [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts],
@@ -98,6 +102,11 @@ def _fingerprint(name_or_path: str, revision: str | None, subfolders: tuple[str,
     index = "model_index.json" if subfolders else "config.json"
     snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=[index])
     return f"hub:{name_or_path}@{Path(snapshot).name}"
+
+
+def vae_fingerprint(vae: str) -> str:
+    """Names the exact files of a VAE on its own (a hub id or a folder holding its config.json)."""
+    return f"vae:{_fingerprint(vae, None, ())}"
 
 
 def frozen_parts_fingerprint(pretrained: str, revision: str | None = None, vae: str | None = None) -> str:

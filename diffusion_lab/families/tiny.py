@@ -241,3 +241,8 @@ def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, va
             if not (out_dir / "model_index.json").exists():
                 raise
     return str(out_dir)
+
+
+def ensure_tiny_vae(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
+    """The VAE folder of a tiny SD checkpoint (built first if need be): a frozen VAE for a latent DiT on a CPU."""
+    return str(Path(ensure_tiny_sd(out_dir, sample_size=sample_size, seed=seed)) / "vae")

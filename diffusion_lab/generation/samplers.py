@@ -112,9 +112,33 @@ class PixelSampler:
                 dtype=next(self.net.parameters()).dtype,
                 progress=progress,
             )
+            images = self.decode(images)
         finally:
             self.net.train(was_training)
         return images.float().clamp(-1, 1)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """What the sampling loop drew, as images: pixels already."""
+        return samples
+
+
+class LatentClassSampler(PixelSampler):
+    """An unconditional or class-conditional network on a frozen VAE's latents (the latent DiT): the pixel
+    loop over latents, then the VAE's decoder (as `DiTPipeline` decodes)."""
+
+    def __init__(self, net: torch.nn.Module, noise_scheduler, vae) -> None:
+        super().__init__(net, noise_scheduler)
+        self.vae = vae
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "LatentClassSampler":
+        super().to(device, dtype)
+        self.vae.to(device)  # in its own dtype (the SD VAE overflows in fp16)
+        return self
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        latents = samples / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
 
 class TextToImageSampler:

@@ -1,10 +1,7 @@
 """Representation alignment: a loss term, added to any objective's, that pulls one block's tokens through a small
 projector toward target tokens of the same image.
 
-REPA (Yu et al. 2024, arXiv:2410.06940) takes the targets from a frozen pretrained encoder (DINOv2 ViT-B/14 by
-default, named by a timm model id): the clean image, resized and normalised as the encoder expects, gives patch
-tokens, interpolated to the network's token grid; a DiT aligns block `block` (REPA: 8), a UNet its mid-block
-(U-REPA, arXiv:2503.18414).
+REPA (Yu et al. 2024, arXiv:2410.06940; `models.repa`) takes the targets from a frozen pretrained encoder.
 
 SRA (Jiang et al. 2025, arXiv:2505.02831) needs no model from outside the run: the target is a later block of
 the run's own EMA network seeing the same image and noise at a lower noise level (its `t - max_gap * u`, u
@@ -118,6 +115,17 @@ class AlignmentTerm(nn.Module, abc.ABC):
     def student(self, net: nn.Module) -> nn.Module:
         """The block whose output the term aligns."""
 
+    @abc.abstractmethod
+    def loss(self, objective, net, trainer, batch: dict, x0: torch.Tensor, keys: list[int], tokens,
+             **net_kwargs) -> torch.Tensor:  # fmt: skip
+        """The term (before `weight`) for a training batch whose student-block output is `tokens`."""
+
+    def prepare(self, trainer) -> None:
+        """Once per node before training (LightningModule.prepare_data): build what the term reads from disk."""
+
+    def setup(self, trainer) -> None:
+        """On every process before training: open it."""
+
     @contextlib.contextmanager
     def student_tokens(self, net: nn.Module) -> Iterator[list[torch.Tensor]]:
         with tapped(self.student(net)) as outputs:
@@ -176,9 +184,8 @@ class SelfRepresentationAlignment(AlignmentTerm):
         ema.copy_average_to(trainable)
         return teacher
 
-    def loss(
-        self, objective, net, trainer, x0: torch.Tensor, keys: list[int], tokens: torch.Tensor, **net_kwargs
-    ):
+    def loss(self, objective, net, trainer, batch: dict, x0: torch.Tensor, keys: list[int], tokens,
+             **net_kwargs) -> torch.Tensor:  # fmt: skip
         """The SRA term for a training batch whose student tokens (`student_tokens`) are `tokens`: the same
         images and noise the objective drew for these keys, at the teacher's lower noise level."""
         times, noise = objective.draws(x0, keys)
@@ -189,89 +196,3 @@ class SelfRepresentationAlignment(AlignmentTerm):
         with torch.no_grad(), tapped(block, stop=True) as outputs:
             teacher(objective.noisy(x0, noise, earlier), objective.network_timesteps(earlier), **net_kwargs)
         return negative_cosine(self.projector(tokens), outputs[0])
-
-
-class TimmEncoder(nn.Module):
-    """A frozen timm vision transformer's patch tokens of images in [-1, 1], resized (bicubic) to `image_size` and
-    normalised with the encoder's own mean and std. `pretrained` loads the hub weights (DINOv2 for REPA's
-    default) or, with `checkpoint`, a local file of them (e.g. a stand-in encoder trained here)."""
-
-    def __init__(
-        self,
-        name: str = "vit_base_patch14_dinov2.lvd142m",
-        image_size: int = 224,
-        pretrained: bool = True,
-        checkpoint: str | None = None,
-    ) -> None:
-        super().__init__()
-        try:
-            import timm
-        except ImportError as error:
-            raise ConfigError(
-                f"model/alignment=repa reads its encoder with timm: pip install 'diffusion_lab[repa]' ({error})"
-            ) from None
-        overlay = {"file": checkpoint} if checkpoint else None
-        self.model = timm.create_model(name, pretrained=pretrained or bool(checkpoint), num_classes=0,
-                                       img_size=image_size, pretrained_cfg_overlay=overlay)  # fmt: skip
-        self.model.eval().requires_grad_(False)
-        config = timm.data.resolve_model_data_config(self.model)
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
-        self.image_size = image_size
-
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
-    def train(self, mode: bool = True) -> "TimmEncoder":
-        return super().train(False)  # frozen: always in eval mode
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() + 1) / 2
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-        tokens = self.model.forward_features((x.clamp(0, 1) - self.mean) / self.std)
-        return tokens[:, self.model.num_prefix_tokens :]
-
-
-class RepresentationAlignment(AlignmentTerm):
-    """REPA: block `block` of a DiT (or a UNet's mid-block: U-REPA), through the projector, aligned to a frozen
-    encoder's patch tokens of the clean image. The encoder is held outside the module's state (not checkpointed:
-    it is rebuilt from its name)."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        encoder: nn.Module,
-        weight: float = 0.5,
-        block: int = 8,
-        projector_width: int = 2048,
-        stop_step: int | None = None,
-    ) -> None:
-        super().__init__(weight, stop_step)
-        self.block = block
-        if hasattr(net, "transformer_blocks"):
-            transformer_block(net, block, "model.alignment.block")
-            width = net.config.num_attention_heads * net.config.attention_head_dim
-        elif getattr(net, "mid_block", None) is not None:  # U-REPA
-            width = net.config.block_out_channels[-1]
-        else:
-            raise ConfigError(
-                f"model/alignment=repa aligns a DiT block or a UNet mid-block; {type(net).__name__} has neither"
-            )
-        self._encoder = [encoder.eval().requires_grad_(False)]  # a list: not a submodule, not checkpointed
-        self.projector = projector(width, projector_width, encoder.width)
-
-    def student(self, net: nn.Module) -> nn.Module:
-        if hasattr(net, "transformer_blocks"):
-            return transformer_block(net, self.block, "model.alignment.block")
-        return net.mid_block
-
-    def loss(self, objective, net, trainer, x0: torch.Tensor, keys: list[int], tokens, **net_kwargs):
-        """The REPA term for a batch of clean images `x0` whose student block output is `tokens`."""
-        encoder = self._encoder[0].to(x0.device)
-        tokens = as_tokens(tokens)
-        targets = on_grid(encoder(x0), tokens.shape[1])
-        return negative_cosine(self.projector(tokens), targets)

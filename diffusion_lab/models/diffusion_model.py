@@ -81,7 +81,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
                 with alignment.student_tokens(self.net) as tokens:
                     loss = self.objective.loss(self.net, x0, keys, **conditioning)
                 term = alignment.loss(
-                    self.objective, self.net, self.trainer, x0, keys, tokens[0], **conditioning
+                    self.objective, self.net, self.trainer, batch, x0, keys, tokens[0], **conditioning
                 )
             else:  # the projector in the graph at zero: DDP expects a gradient for every parameter
                 loss = self.objective.loss(self.net, x0, keys, **conditioning)
@@ -91,6 +91,14 @@ class DiffusionModel(L.LightningModule, abc.ABC):
             loss = loss + alignment.weight * term
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all ranks
         return loss
+
+    def prepare_data(self) -> None:
+        if self.alignment is not None:  # e.g. REPA's encoder features, once per node
+            self.alignment.prepare(self.trainer)
+
+    def setup(self, stage: str) -> None:
+        if self.alignment is not None and stage == "fit":
+            self.alignment.setup(self.trainer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         keys = sample_keys(self.noise_seed, -1, batch["index"])

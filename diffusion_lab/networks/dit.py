@@ -145,6 +145,7 @@ def to_stock(net: DiffusionTransformer) -> DiTTransformer2DModel:
         return net
     config = {key: value for key, value in net.config.items() if key in _OWN_KEYS}
     config["num_embeds_ada_norm"] = config.pop("num_class_embeds") or 1
+    config["out_channels"] = config["out_channels"] or config["in_channels"]  # DiTPipeline reads it
     del config["position_embedding"]
     stock = DiTTransformer2DModel.from_config(config)
     stock.load_state_dict(net.state_dict())
@@ -161,7 +162,8 @@ def from_stock(model: DiTTransformer2DModel) -> DiffusionTransformer:
     classes = config.num_embeds_ada_norm
     net = DiffusionTransformer(
         num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,
-        in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.num_layers,
+        in_channels=config.in_channels, num_layers=config.num_layers,
+        out_channels=None if config.out_channels == config.in_channels else config.out_channels,
         dropout=config.dropout, sample_size=config.sample_size, patch_size=config.patch_size,
         num_class_embeds=classes if classes > 1 else None,
     )  # fmt: skip

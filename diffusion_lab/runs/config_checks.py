@@ -134,8 +134,29 @@ def check_scheduler_fields(cfg: DictConfig) -> None:
         )
 
 
+def check_alignment(cfg: DictConfig) -> None:
+    """Representation alignment reads a block through a forward hook, which a compiled network does not run;
+    SRA's teacher is a whole copy of the network, which FSDP shards."""
+    alignment = OmegaConf.select(cfg, "model.alignment._target_", default=None)
+    if not alignment:
+        return
+    if cfg.get("compile"):
+        raise ConfigError(
+            "compile=true with model.alignment: a compiled network keeps the hooks it was compiled with, so the "
+            "aligned block's tokens would not be read; use compile=false or model/alignment=none"
+        )
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if alignment.endswith("SelfRepresentationAlignment") and "fsdp" in target.lower():
+        raise ConfigError(
+            "model/alignment=sra with trainer=fsdp: SRA's teacher is a whole copy of the network holding the EMA "
+            "weights, which FSDP shards across ranks; use trainer=ddp, or model/alignment=repa"
+        )
+
+
 def check_run_config(cfg: DictConfig) -> None:
     refuse_renamed_keys(cfg, "train")
     check_types(cfg)
     check_values(cfg)
     check_scheduler_fields(cfg)
+    check_alignment(cfg)

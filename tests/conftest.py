@@ -17,7 +17,8 @@ from diffusion_lab.runs.overrides import CONFIG_MODULE  # noqa: E402
 
 # The cores shared among pytest-xdist workers (and the runs they start): more threads than cores, and small ops
 # spin on each other (a test took 6x longer with two workers of two threads on two cores).
-THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+THREADS = max(1, min(2, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 torch.set_num_threads(THREADS)
 

@@ -214,7 +214,10 @@ def test_each_arm_of_the_transformers_study_composes_its_net_and_alignment(
 ):
     cfg = compose_config("experiment=sit_flowers", f"backbone_preset={preset}")
     assert cfg.model.net._target_.endswith(net) and cfg.run_name == "sit_flowers"
-    assert (cfg.model.alignment or {}).get("_target_", "").endswith(alignment or "")
+    if alignment is None:
+        assert cfg.model.alignment is None
+    else:
+        assert cfg.model.alignment._target_.endswith(alignment)
     if net == "build_dit":  # the study's sizes: SiT-tiny/2 and SiT-S/4
         assert (cfg.model.net.size, cfg.model.net.patch_size) == (
             ("S", 4) if preset == "sit_s" else ("tiny", 2)

@@ -149,6 +149,7 @@ def test_ddp_on_two_cpu_processes_trains_a_dit_with_sra_as_one_process_does(tmp_
 
 
 def test_the_latent_dit_keeps_its_vae_frozen_and_out_of_checkpoints_and_names_the_latent_size(compose_config):
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from diffusion_lab.errors import ConfigError
@@ -171,6 +172,23 @@ def test_the_latent_dit_keeps_its_vae_frozen_and_out_of_checkpoints_and_names_th
     wrong = instantiate(compose_config("experiment=dit_latent_tiny", "model.net.sample_size=8").model)
     with pytest.raises(ConfigError, match="set model.net.sample_size=16"):
         wrong.clean_inputs(batch, [0, 1])
+    ddpm = ["experiment=dit_latent_tiny", "model/objective=ddpm", "model/noise_scheduler=ddpm_linear"]
+    with pytest.raises(
+        InstantiationException, match="clip_sample=false"
+    ):  # clipping x0 to [-1, 1] clips latents
+        instantiate(compose_config(*ddpm).model)
+    assert not instantiate(
+        compose_config(*ddpm, "model.noise_scheduler.clip_sample=false").model
+    ).noise_scheduler.config.clip_sample
+
+
+def test_a_latent_dit_with_the_text_to_image_latent_cache_is_refused(capsys, tmp_path):
+    from tests.test_renamed import refused
+
+    output = refused(
+        capsys, "train", "experiment=dit_latent_tiny", "latent_cache=disk", f"hydra.run.dir={tmp_path}"
+    )
+    assert "latent_cache=disk with model=latent_dit" in output
 
 
 def test_the_latent_export_is_a_stock_dit_pipeline_that_draws_what_sample_draws(tmp_path):

@@ -47,6 +47,11 @@ class LatentDiT(PixelDiffusion):
             raise ConfigError(
                 f"model.vae={vae} shifts its latents (shift_factor), which DiTPipeline cannot undo"
             )
+        if self.noise_scheduler.config.get("clip_sample"):  # scaled latents spread past [-1, 1]
+            raise ConfigError(
+                "model.noise_scheduler.clip_sample=true clamps the predicted latents to [-1, 1] when sampling, "
+                "which scaled VAE latents exceed: set model.noise_scheduler.clip_sample=false"
+            )
         if net.config.position_embedding != "sincos":
             raise ConfigError(
                 "model.net.position_embedding=learned: the stock DiTTransformer2DModel in a DiTPipeline folder "

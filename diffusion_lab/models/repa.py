@@ -131,6 +131,8 @@ class RepresentationAlignment(AlignmentTerm):
             )
         self._encoder = [encoder.eval().requires_grad_(False)]  # a list: not a submodule, not checkpointed
         self.projector = projector(width, projector_width, encoder.width)
+        if storage_dtype not in ("float32", "float16"):
+            raise ConfigError(f"model.alignment.storage_dtype={storage_dtype!r}: choose float32 or float16")
         self.cache_dir, self.cache_max_gb, self.storage_dtype = cache_dir, cache_max_gb, storage_dtype
         self._cache: CachedFeatures | None = None
         self._folder: tuple | None = None  # (data module, its cache folder or None, why not)

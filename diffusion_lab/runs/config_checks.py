@@ -154,7 +154,19 @@ def check_alignment(cfg: DictConfig) -> None:
         )
 
 
+def check_latent_cache(cfg: DictConfig) -> None:
+    """The latent cache encodes with a text-to-image base model's VAE and text encoders: a latent DiT has neither."""
+    if cfg.get("latent_cache") and str(OmegaConf.select(cfg, "model._target_", default="")).endswith(
+        "LatentDiT"
+    ):
+        raise ConfigError(
+            "latent_cache=disk with model=latent_dit: the latent cache holds a text-to-image model's latents and "
+            "prompts; a latent DiT encodes its images live (latent_cache=null)"
+        )
+
+
 def check_run_config(cfg: DictConfig) -> None:
+    check_latent_cache(cfg)
     refuse_renamed_keys(cfg, "train")
     check_types(cfg)
     check_values(cfg)

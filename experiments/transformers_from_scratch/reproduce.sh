@@ -9,8 +9,8 @@ mkdir -p "$out"
 encoder="$out/stand_in_vit_ti16.safetensors"
 # REPA's stand-in encoder (DINOv2 needs a download): ViT-Ti/16 trained on the 720 training photos' species
 [ -f "$encoder" ] || python "$here/stand_in_encoder.py" ../shared/data/oxford-flowers-12 "$encoder" 30
-diffusion-lab train -m experiment=sit_flowers backbone_preset=unet,sit_tiny,sit_s,sit_sra \
-  hydra.sweep.dir="$out/arms"
-diffusion-lab train -m experiment=sit_flowers backbone_preset=sit_repa \
+diffusion-lab train -m experiment=sit_flowers data.path=../shared/data/oxford-flowers-12 \
+  backbone_preset=unet,sit_tiny,sit_s,sit_sra hydra.sweep.dir="$out/arms"
+diffusion-lab train -m experiment=sit_flowers data.path=../shared/data/oxford-flowers-12 backbone_preset=sit_repa \
   model.alignment.encoder.checkpoint="$(realpath "$encoder")" hydra.sweep.dir="$out/repa"
 python "$here/make_table.py" "$out/arms" "$out/repa" "$encoder"

@@ -216,3 +216,17 @@ def test_the_latent_export_is_a_stock_dit_pipeline_that_draws_what_sample_draws(
                       output_type="pt").images  # fmt: skip
     assert theirs.shape == (2, 3, 16, 16)
     torch.testing.assert_close(((ours + 1) / 2).clamp(0, 1), theirs, atol=1e-5, rtol=0)
+
+
+def test_a_latent_dit_resumed_on_another_vae_is_refused(capsys, tmp_path):
+    from tests.test_families import run
+    from tests.test_renamed import refused
+
+    common = ["experiment=dit_latent_tiny", "data.batch_size=4", "callbacks.progress_bar.refresh_rate=0",
+              "callbacks.sample_grid.num_images=2", "callbacks.sample_grid.num_inference_steps=1",
+              f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    run("train", *common, "trainer.max_steps=1")
+    other = ["model.vae._target_=diffusion_lab.families.tiny.ensure_tiny_vae", f"model.vae.out_dir={tmp_path / 'other'}",
+             "model.vae.seed=1"]  # fmt: skip
+    output = refused(capsys, "train", *common, *other, "trainer.max_steps=2", "ckpt_path=last")
+    assert "is another VAE" in output and "resume with model.vae=" in output

@@ -81,3 +81,14 @@ class LatentDiT(PixelDiffusion):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vae"] = self.hparams.vae
+        checkpoint["vae_fingerprint"] = self.encoder.key()["frozen_parts"]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The network learned one VAE's latent space: resuming on another's would train on a silent mismatch.
+        saved = checkpoint.get("vae_fingerprint")
+        if saved is not None and saved != self.encoder.key()["frozen_parts"]:
+            raise ConfigError(
+                f"the checkpoint was trained on the latents of model.vae={checkpoint['vae']} ({saved}); "
+                f"model.vae={self.hparams.vae} is another VAE ({self.encoder.key()['frozen_parts']}): "
+                f"resume with model.vae={checkpoint['vae']}"
+            )

@@ -8,7 +8,6 @@ from diffusers import DiTPipeline
 from diffusion_lab.core.schedulers import flow_settings, scheduler_from_name
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.base import Family, ModelParts
-from diffusion_lab.families.checkpoints import load_trained_weights, rebuild_component
 from diffusion_lab.families.dit import PixelTransformer
 from diffusion_lab.families.registry import register
 from diffusion_lab.families.sd_parts import load_vae
@@ -40,12 +39,9 @@ class LatentTransformer(PixelTransformer):
         )  # stock diffusers: not the pixel DiT's loader
 
     def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
-        descriptions = checkpoint["diffusers_components"]
-        net = rebuild_component(descriptions["net"])
-        load_trained_weights(net, checkpoint)
-        vae = load_vae(checkpoint["vae"])
-        return ModelParts(net, rebuild_component(descriptions["noise_scheduler"]), {"vae": vae},
-                          {"vae": checkpoint["vae"]})  # fmt: skip
+        parts = super().parts_from_checkpoint(checkpoint)  # the network and its scheduler, as the pixel DiT's
+        vae = load_vae(checkpoint["vae"])  # named by the checkpoint, not copied into it
+        return ModelParts(parts.net, parts.noise_scheduler, {"vae": vae}, {"vae": checkpoint["vae"]})
 
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         config = pipeline.transformer.config

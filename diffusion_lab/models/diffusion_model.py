@@ -1,6 +1,7 @@
 """The training and validation step every diffusion model shares."""
 
 import abc
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,19 +74,16 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         x0 = self.clean_inputs(batch, keys)
         conditioning = self.conditioning(batch, keys)
         alignment = self.alignment
-        if alignment is None:
+        active = alignment is not None and alignment.active(self.global_step)
+        with alignment.student_tokens(self.net) if active else contextlib.nullcontext() as tokens:
             loss = self.objective.loss(self.net, x0, keys, **conditioning)
-        else:  # with its own line in the logs; 0 once it stops (`stop_step`)
-            term = torch.zeros((), device=x0.device)
-            if alignment.active(self.global_step):
-                with alignment.student_tokens(self.net) as tokens:
-                    loss = self.objective.loss(self.net, x0, keys, **conditioning)
+        if alignment is not None:  # with its own line in the logs; 0 once it stops (`stop_step`)
+            if active:
                 term = alignment.loss(
                     self.objective, self.net, self.trainer, batch, x0, keys, tokens[0], **conditioning
                 )
             else:  # the projector in the graph at zero: DDP expects a gradient for every parameter
-                loss = self.objective.loss(self.net, x0, keys, **conditioning)
-                term = term + 0 * sum(parameter.sum() for parameter in alignment.parameters())
+                term = 0 * sum(parameter.sum() for parameter in alignment.parameters())
             self.log("train/diffusion_loss", loss, sync_dist=True)
             self.log("train/align_loss", term, sync_dist=True)
             loss = loss + alignment.weight * term

@@ -18,7 +18,7 @@ REPLAYED = [
     "ckpt_path", "pretrained", "use_ema", "revision", "lora", "num_images", "batch_size", "seed", "scheduler",
     "num_inference_steps", "eta",
     "guidance_scale", "guidance_rescale", "prompt", "prompt_file", "negative_prompt", "class_label", "height", "width", "device",
-    "dtype",
+    "dtype", "max_sequence_length",
 ]  # fmt: skip
 
 
@@ -47,6 +47,7 @@ def sample(cfg: DictConfig) -> dict:
         scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale,
         negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
+        max_sequence_length=cfg.get("max_sequence_length"),
     )  # fmt: skip
     given = OmegaConf.to_container(cfg, resolve=True)
     # The prompts themselves, not the name of a file that may change.

@@ -13,6 +13,7 @@ keyed per image (`core.random`).
 """
 
 import abc
+import math
 
 import diffusers
 import torch
@@ -202,10 +203,10 @@ class FlowMatching(Objective):
         shift = config["shift"] if shift is None else shift
         if shift <= 0:
             raise ConfigError(f"model.objective.shift must be positive, got {shift}")
-        if config.get("use_dynamic_shifting"):
+        if config.get("use_dynamic_shifting") and shift != config["shift"]:
             raise ConfigError(
-                "a scheduler with use_dynamic_shifting (a shift chosen per resolution at sampling) is not "
-                "supported: set model.objective.shift to the shift for your resolution"
+                f"model.objective.shift={shift}: this scheduler's shift follows resolution (use_dynamic_shifting, "
+                "as Flux's); to fix one instead set model.noise_scheduler.use_dynamic_shifting=false as well"
             )
         flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": float(shift)})
         super().__init__(flow, timesteps, weighting, noise_offset)
@@ -214,13 +215,28 @@ class FlowMatching(Objective):
     def shift(self) -> float:
         return float(self.noise_scheduler.config.shift)
 
+    def shift_for(self, shape: tuple[int, ...]) -> float:
+        """The shift for inputs of `shape` (C, H, W): the scheduler's, or with `use_dynamic_shifting` the one
+        diffusers' pipelines sample a latent of that size with, exp(mu) for mu = `calculate_shift` of its token
+        count in 2x2 patches (Flux, SD3 / Z-Image when so configured), linear from `base_shift` at
+        `base_image_seq_len` tokens to `max_shift` at `max_image_seq_len`."""
+        config = self.noise_scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return self.shift
+        tokens = (shape[-2] // 2) * (shape[-1] // 2)
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
+        # diffusers' time_shift: exponential exp(mu) / (exp(mu) + 1/t - 1), linear mu / (mu + 1/t - 1)
+        return mu if config.get("time_shift_type") == "linear" else math.exp(mu)
+
     @property
     def prediction_type(self) -> str:
         return "flow_prediction"
 
     def draw_times(self, keys, shape, device):
         t = self.timesteps.fractions(keys, shape, device)
-        return shift_noise_level(t, self.shift) if self.shift != 1.0 else t
+        shift = self.shift_for(shape)
+        return shift_noise_level(t, shift) if shift != 1.0 else t
 
     def validation_times(self, sample_ids, levels):
         grid = (torch.arange(levels, device=sample_ids.device, dtype=torch.float32) + 0.5) / levels

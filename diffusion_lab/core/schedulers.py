@@ -55,8 +55,15 @@ def flow_settings(config) -> dict | None:
     if config.get("use_flow_sigmas"):
         return {"num_train_timesteps": config["num_train_timesteps"], "shift": config.get("flow_shift", 1.0)}
     if "shift" in config and "beta_schedule" not in config:
-        return {"num_train_timesteps": config["num_train_timesteps"], "shift": config["shift"]}
+        settings = {"num_train_timesteps": config["num_train_timesteps"], "shift": config["shift"]}
+        if config.get("use_dynamic_shifting"):  # the shift follows resolution (Flux): its fields travel too
+            settings.update({key: config[key] for key in DYNAMIC_SHIFT_FIELDS if key in config})
+        return settings
     return None
+
+
+DYNAMIC_SHIFT_FIELDS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                        "max_image_seq_len", "time_shift_type")  # fmt: skip
 
 
 def scheduler_from_name(name: str | None, training_config: dict, **overrides):
@@ -105,6 +112,11 @@ def _flow_scheduler(name: str, flow: dict, overrides: dict):
         raise ConfigError(
             f"scheduler {name!r} does not fit a flow-matching model (it samples the DDPM noise process); "
             f"use one of {', '.join(FLOW_SCHEDULERS)}"
+        )
+    if flow.get("use_dynamic_shifting") and name != "euler":
+        raise ConfigError(
+            f"scheduler {name!r}: this model's shift follows resolution (use_dynamic_shifting), which its pipeline "
+            "passes to flow-match Euler only; use scheduler=euler (or null)"
         )
     class_name, variant = FLOW_SCHEDULERS[name]
     scheduler_class = getattr(diffusers, class_name)

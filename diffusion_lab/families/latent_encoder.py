@@ -13,8 +13,8 @@ from diffusion_lab.dtypes import dtype_from_name
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.sd_parts import (
     frozen_parts_fingerprint,
-    load_text_and_vae,
     load_vae,
+    pipeline_index,
     vae_fingerprint,
 )
 
@@ -33,8 +33,12 @@ class LatentEncoder:
         vae_dtype: str | None = "float32",
         text_encoder_dtype: str | None = None,
         frozen: dict | None = None,
+        max_sequence_length: int | None = None,
+        use_t5: bool = True,
     ) -> None:
         self.pretrained, self.revision, self.vae_name = pretrained, revision, vae
+        # the T5 families' prompt settings (`model.max_sequence_length`, `model.use_t5`): they change the embeddings
+        self.text = {"max_sequence_length": max_sequence_length, "use_t5": bool(use_t5)}
         self.vae_dtype, self.text_encoder_dtype = vae_dtype, text_encoder_dtype
         self._frozen = frozen
         self._fingerprint: str | None = None
@@ -47,17 +51,23 @@ class LatentEncoder:
                 if self.pretrained
                 else vae_fingerprint(self.vae_name)
             )
-        return {"frozen_parts": self._fingerprint, "vae_dtype": str(self.vae_dtype),
-                "text_encoder_dtype": str(self.text_encoder_dtype)}  # fmt: skip
+        key = {"frozen_parts": self._fingerprint, "vae_dtype": str(self.vae_dtype),
+               "text_encoder_dtype": str(self.text_encoder_dtype)}  # fmt: skip
+        if self.text != {"max_sequence_length": None, "use_t5": True}:  # (older cache keys stay as they were)
+            key["text"] = dict(self.text)
+        return key
 
     @property
     def frozen(self) -> dict:
         if self._frozen is None:
-            self._frozen = (
-                load_text_and_vae(self.pretrained, self.revision, self.vae_name)
-                if self.pretrained
-                else {"vae": load_vae(self.vae_name)}
-            )
+            if self.pretrained:
+                from diffusion_lab.families.registry import family_of_pipeline
+
+                index = pipeline_index(self.pretrained, self.revision)
+                family = family_of_pipeline(index, where=f"model.pretrained={self.pretrained}")
+                self._frozen = family.load_frozen(self.pretrained, self.revision, self.vae_name, **self.text)
+            else:
+                self._frozen = {"vae": load_vae(self.vae_name)}
             self.to(torch.device("cpu"))
         return self._frozen
 

@@ -1,29 +1,32 @@
-"""LoRA adapters on the UNet's attention (peft), saved in the diffusers LoRA format."""
+"""LoRA adapters on a latent model's denoiser (peft), saved in the diffusers LoRA format or, on request, in the
+single-file kohya format that ComfyUI, A1111 / Forge and kohya sd-scripts load."""
 
 from collections.abc import Sequence
 from pathlib import Path
 
 import diffusers
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+KOHYA_FILE = "lora_kohya.safetensors"
 
 
 def add_lora(
-    unet: UNet2DConditionModel,
+    net: torch.nn.Module,
     rank: int,
     alpha: float | None = None,
     target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
 ) -> None:
-    """Freeze the UNet and add trainable low-rank adapters (Hu et al. 2021, arXiv:2106.09685) to the
+    """Freeze the network and add trainable low-rank adapters (Hu et al. 2021, arXiv:2106.09685) to the
     named projections; only those train. alpha / rank scales the update (alpha defaults to rank: 1.0)."""
     from peft import LoraConfig  # (peft loads only where a LoRA is made: `sample` of a full model needs none)
 
     if rank < 1:
         raise ValueError(f"model.lora_rank must be a positive integer, got {rank}")
-    unet.requires_grad_(False)
-    unet.add_adapter(
+    net.requires_grad_(False)
+    net.add_adapter(
         LoraConfig(
             r=rank,
             lora_alpha=alpha if alpha is not None else rank,
@@ -33,26 +36,99 @@ def add_lora(
     )
 
 
-def save_lora(
-    unet: UNet2DConditionModel, out_dir: str | Path, pipeline_class=StableDiffusionPipeline, scheduler=None
-) -> Path:
-    """`pytorch_lora_weights.safetensors`, written by `pipeline_class.save_lora_weights` (StableDiffusionPipeline
-    or StableDiffusionXLPipeline), which `pipeline.load_lora_weights(out_dir)` reads, with the adapter's
-    config (rank, alpha, target modules) in its metadata: without it diffusers reloads with alpha = rank, so an
-    adapter trained at alpha 16, rank 4 would sample at scale 1 instead of 4 (what diffusers' own scripts pass
-    via `_collate_lora_metadata`). `scheduler`, when given, goes to `scheduler/`: a sampler on the schedule the
-    adapter was trained for, where it differs from the base model's."""
+def lora_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights in peft's naming (`<module>.lora_A.weight`, `<module>.lora_B.weight`)."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(net)
+
+
+def save_lora(
+    net: torch.nn.Module,
+    out_dir: str | Path,
+    pipeline_class=StableDiffusionPipeline,
+    scheduler=None,
+    component: str = "unet",
+) -> Path:
+    """`pytorch_lora_weights.safetensors`, written by `pipeline_class.save_lora_weights` (the family's pipeline),
+    which `pipeline.load_lora_weights(out_dir)` reads, with the adapter's config (rank, alpha, target modules) in
+    its metadata: without it diffusers reloads with alpha = rank, so an adapter trained at alpha 16, rank 4 would
+    sample at scale 1 instead of 4 (what diffusers' own scripts pass via `_collate_lora_metadata`). `component`
+    is the denoiser's pipeline name: `unet` (SD, SDXL) or `transformer` (SD3, Flux, ...), whose loaders take
+    peft's naming as it is. `scheduler`, when given, goes to `scheduler/`: a sampler on the schedule the adapter
+    was trained for, where it differs from the base model's."""
+    layers = lora_state_dict(net)
+    if component == "unet":
+        layers = convert_state_dict_to_diffusers(layers)
     pipeline_class.save_lora_weights(
         save_directory=str(out_dir),
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-    )
+        **{f"{component}_lora_layers": layers,
+           f"{component}_lora_adapter_metadata": net.peft_config["default"].to_dict()},
+    )  # fmt: skip
     if scheduler is not None:
         scheduler.save_pretrained(Path(out_dir) / "scheduler")
     return Path(out_dir)
+
+
+def kohya_state_dict(net: torch.nn.Module, component: str = "unet") -> dict[str, torch.Tensor]:
+    """The adapters as kohya names them, through diffusers' `convert_state_dict_to_kohya`: `lora_unet_<path>`
+    (a UNet) or `lora_transformer_<path>` (SD3, Flux: the prefix ComfyUI and OneTrainer use for diffusers-layout
+    transformers), dots in the module path as underscores, `.lora_down.weight` / `.lora_up.weight` and an `.alpha`
+    per module. diffusers writes alpha = rank; the adapter's own `lora_alpha` replaces it, so the file applies
+    the scale that was trained."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    config = net.peft_config["default"]
+    prefixed = {f"unet.{key}": value for key, value in lora_state_dict(net).items()}
+    converted = convert_state_dict_to_kohya(prefixed)
+    out = {}
+    for key, value in converted.items():
+        if component != "unet":
+            key = key.replace("lora_unet_", f"lora_{component}_", 1)
+        if key.endswith(".alpha"):
+            module = key[: -len(".alpha")].split("_", 2)[2]
+            value = torch.tensor(float(_alpha_of(config, module)))
+        out[key] = value.contiguous()
+    return out
+
+
+def _alpha_of(config, module_key: str) -> float:
+    """A module's alpha: peft's `alpha_pattern` can set one per module (none here), else `lora_alpha`."""
+    for pattern, alpha in (config.alpha_pattern or {}).items():
+        if module_key.endswith(pattern.replace(".", "_")):
+            return alpha
+    return config.lora_alpha
+
+
+def from_kohya(state_dict: dict[str, torch.Tensor], net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of `kohya_state_dict` for `net`: peft's names and the up weights with alpha / rank folded
+    back out (so a file written with another alpha maps to the weights it applies)."""
+    config = net.peft_config["default"]
+    modules = {name.replace(".", "_"): name for name, _ in net.named_modules() if name}
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".alpha"):
+            continue
+        stem, kind = key.split(".", 1)
+        module = modules[stem.split("_", 2)[2]]
+        if kind == "lora_down.weight":
+            out[f"{module}.lora_A.weight"] = value
+        else:
+            scale = float(state_dict[f"{stem}.alpha"]) / config.lora_alpha
+            out[f"{module}.lora_B.weight"] = value * scale
+    return out
+
+
+def save_kohya(net: torch.nn.Module, out_dir: str | Path, component: str = "unet") -> Path:
+    """`lora_kohya.safetensors` beside the diffusers-format file, with the rank and alpha in its metadata."""
+    from safetensors.torch import save_file
+
+    config = net.peft_config["default"]
+    path = Path(out_dir) / KOHYA_FILE
+    save_file(kohya_state_dict(net, component), str(path),
+              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                        "ss_network_alpha": str(config.lora_alpha), "format": "pt"})  # fmt: skip
+    return path
 
 
 def lora_scheduler(lora_dir: str | Path):

@@ -79,3 +79,20 @@ class PromptEncoder:
 
 def _zero_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.view(-1, *([1] * (values.ndim - 1))), torch.zeros_like(values), values)
+
+
+class PipelinePromptEncoder:
+    """A family's text encoders run by its own diffusers pipeline's `encode_prompt` (SD3, Flux, ...): training,
+    the caches and sampling then feed the denoiser the same embeddings by construction. `pipeline` holds only the
+    tokenizers and text encoders; `encode(pipeline, captions, device)` calls its `encode_prompt` with the
+    family's settings and returns `PromptEmbeddings`."""
+
+    zeros_for_empty_prompt = False  # these pipelines encode "" as their unconditional prompt
+
+    def __init__(self, pipeline, encode, text_encoders: Sequence[torch.nn.Module]) -> None:
+        self.pipeline, self.encode = pipeline, encode
+        self.text_encoders = [encoder for encoder in text_encoders if encoder is not None]
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str], device: torch.device | str) -> PromptEmbeddings:
+        return self.encode(self.pipeline, list(captions), torch.device(device))

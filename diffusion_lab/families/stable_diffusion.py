@@ -14,10 +14,11 @@ from diffusion_lab.core.crop_geometry import batch_crop_geometry
 from diffusion_lab.core.schedulers import flow_settings, scheduler_from_name, with_zero_terminal_snr
 from diffusion_lab.families.base import Family, ModelParts
 from diffusion_lab.families.checkpoints import load_trained_weights, trained_scheduler
-from diffusion_lab.families.lora import ATTENTION_PROJECTIONS, add_lora, save_lora
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.families.lora import ATTENTION_PROJECTIONS, add_lora, save_kohya, save_lora
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.registry import register
-from diffusion_lab.families.sd_parts import has_second_text_encoder, load_parts, pipeline_index
+from diffusion_lab.families.sd_parts import has_second_text_encoder, load_parts, load_text_and_vae, pipeline_index
 from diffusion_lab.generation.samplers import TextToImageSampler
 
 FROZEN = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -37,6 +38,8 @@ class StableDiffusion(Family):
     lora_target_modules = ATTENTION_PROJECTIONS
     tiny_overrides = ("experiment=sd_finetune_tiny", "~callbacks.sample_quality", "~latent_cache")
     two_encoders = False
+    denoiser_name = "unet"  # the trained network's name in the pipeline (and in LoRA files)
+    default_training_guidance: float | None = None  # a guidance-distilled model's (Flux dev) training guidance
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         hyper = checkpoint.get("hyper_parameters", {})
@@ -48,8 +51,29 @@ class StableDiffusion(Family):
         )
 
     # ---- parts ------------------------------------------------------------------------------------------
-    def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None) -> ModelParts:
+    def text_options(self, max_sequence_length: int | None = None, use_t5: bool = True) -> dict:
+        """CLIP prompts are always 77 tokens and there is no T5: the T5 families' keys are refused here."""
+        if max_sequence_length is not None or not use_t5:
+            raise ConfigError(
+                f"model.max_sequence_length / model.use_t5 apply to the T5 families (sd3, flux); {self.name} "
+                "encodes 77 CLIP tokens: leave them null / true"
+            )
+        return {}
+
+    def load_frozen(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> dict:
+        """The tokenizer(s), text encoder(s), VAE and `prompts` encoder (see `sd_parts.load_text_and_vae`)."""
+        self.text_options(**text)
+        return load_text_and_vae(pretrained, revision, vae)
+
+    def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> ModelParts:
+        self.text_options(**text)
         return load_parts(pretrained, revision, vae)
+
+    def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
+        """The UNet's attention kernel (`model.attention`)."""
+        from diffusion_lab.models.attention import set_attention
+
+        set_attention(net, attention)
 
     def build_tiny(self, out_dir: Path, sample_size: int = 32, seed: int = 0) -> Path:
         from diffusion_lab.families.tiny import build_tiny_sd
@@ -79,6 +103,10 @@ class StableDiffusion(Family):
     def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
         """The UNet's keyword arguments besides (x_t, t)."""
         return {"encoder_hidden_states": prompts.hidden.to(dtype)}
+
+    def denoiser(self, net: torch.nn.Module, training_guidance: float | None = None):
+        """What the objective calls as `denoiser(x_t, timesteps, **conditioning).sample`: the UNet itself."""
+        return net
 
     # ---- using them -------------------------------------------------------------------------------------
     def pipeline(self, parts: ModelParts, scheduler=None):
@@ -124,6 +152,10 @@ class StableDiffusion(Family):
         finally:
             vae.to(dtype)
         return Path(folder)
+
+    def save_kohya(self, parts: ModelParts, folder: Path) -> Path:
+        """The LoRA also as one kohya-format file (`lora_unet_*`), for ComfyUI, A1111 / Forge and kohya."""
+        return save_kohya(parts.net, folder, component="unet")
 
     def evaluation_source(self, parts: ModelParts, folder: str | Path) -> dict:
         if parts.has_lora:

@@ -246,3 +246,99 @@ def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, va
 def ensure_tiny_vae(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
     """The VAE folder of a tiny SD checkpoint (built first if need be): a frozen VAE for a latent DiT on a CPU."""
     return str(Path(ensure_tiny_sd(out_dir, sample_size=sample_size, seed=seed)) / "vae")
+
+
+def write_tiny_t5_tokenizer(directory: Path):
+    """A T5 (SentencePiece unigram) tokenizer over WORDS and single characters, built in code (no `spiece.model`
+    download) and saved like a hub one: pad 0, eos 1, unk 2, as T5's."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + word, -1.0) for word in WORDS]
+    vocab += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def _tiny_flow_vae(sample_size: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """SD3's / Flux's VAE layout: 16 latent channels, no quant convs, a shift as well as a scale."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[16, 32], latent_channels=16,
+        layers_per_block=1, norm_num_groups=8, sample_size=sample_size, use_quant_conv=False,
+        use_post_quant_conv=False, scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )  # fmt: skip
+
+
+def _tiny_clip(tokenizer, hidden_size: int, projection: bool):
+    from transformers import CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77, projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4, vocab_size=len(tokenizer),
+                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
+    )  # fmt: skip
+
+
+def build_tiny_sd3(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """SD3's layout (arXiv:2403.03206): `transformer/` (MMDiT), CLIP-L and CLIP-G with projections, T5 as
+    `text_encoder_3/`, the 16-channel VAE and FlowMatchEuler with shift 3 (SD3 medium / 3.5's config)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary) / "clip")
+        tokenizer_3 = write_tiny_t5_tokenizer(Path(vocabulary) / "t5")
+    # the CLIP states (2 x 32) are padded to T5's width (64), as SD3 pads 2 x 768 + 1280 to 4096
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+        pooled_projection_dim=64, pos_embed_max_size=sample_size,
+    )  # fmt: skip
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(sample_size, 1.5305, 0.0609), text_encoder=_tiny_clip(tokenizer, 32, True),
+        tokenizer=tokenizer, text_encoder_2=_tiny_clip(tokenizer, 32, True), tokenizer_2=tokenizer,
+        text_encoder_3=_tiny_t5(tokenizer_3, 64), tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    return write_folder(Path(out_dir), pipeline.save_pretrained)
+
+
+def build_tiny_flux(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """Flux.1-dev's layout: `transformer/` (double- and single-stream blocks, guidance embedding), CLIP-L
+    (pooled) and T5, the 16-channel VAE and FlowMatchEuler with dynamic shifting (mu from the image's sequence
+    length, base 0.5 at 256 tokens to 1.15 at 4096)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_clip_tokenizer(Path(vocabulary) / "clip")
+        tokenizer_2 = write_tiny_t5_tokenizer(Path(vocabulary) / "t5")
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipeline = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_tiny_flow_vae(sample_size, 0.3611, 0.1159),
+        text_encoder=_tiny_clip(tokenizer, 32, False), tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
+    )  # fmt: skip
+    return write_folder(Path(out_dir), pipeline.save_pretrained)

@@ -27,6 +27,7 @@ class SampleSettings:
     negative_prompt: str | None = None
     height: int | None = None  # text (latent) models: output size in pixels; None = the UNet's native size
     width: int | None = None
+    max_sequence_length: int | None = None  # T5 models (SD3, Flux): prompt tokens; None: the model's
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,32 +143,57 @@ class LatentClassSampler(PixelSampler):
 
 
 class TextToImageSampler:
-    """Any diffusers text-to-image pipeline (Stable Diffusion and relatives): prompts, guidance, negatives."""
+    """Any diffusers text-to-image pipeline (Stable Diffusion and relatives, SD3, Flux): prompts, guidance,
+    negatives. `own_scheduler`: with no scheduler named, sample with the pipeline's own (SD3 / Flux: flow-match
+    Euler, as their folders ship) rather than the DDIM / UniPC default; `call_defaults`: pipeline arguments a
+    model was trained with (`max_sequence_length`) that the settings may override."""
 
     kind = "text"
     num_classes = None
 
-    def __init__(self, pipeline) -> None:
+    def __init__(self, pipeline, own_scheduler: bool = False, call_defaults: dict | None = None) -> None:
         self.pipeline = pipeline
         self.training_scheduler_config = pipeline.scheduler.config
+        self.own_scheduler, self.call_defaults = own_scheduler, dict(call_defaults or {})
 
     @property
     def net(self) -> torch.nn.Module:
-        return self.pipeline.unet
+        """The pipeline's denoiser: `unet` or `transformer`."""
+        unet = getattr(self.pipeline, "unet", None)
+        return unet if unet is not None else self.pipeline.transformer
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.net.device
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextToImageSampler":
-        if dtype is None or dtype == self.pipeline.unet.dtype:
+        if dtype is None or dtype == self.net.dtype:
             self.pipeline.to(device)
         else:
             self.pipeline.to(device, dtype)
         return self
 
     def scheduler(self, settings: SampleSettings):
+        if settings.scheduler is None and self.own_scheduler:
+            config = self.training_scheduler_config
+            return type(self.pipeline.scheduler).from_config(config)
         return scheduler_from_name(settings.scheduler, self.training_scheduler_config)
+
+    def call_options(self, settings: SampleSettings) -> dict:
+        """The pipeline arguments only some pipelines take (`eta`: DDIM-family; `max_sequence_length`: T5)."""
+        accepted = inspect.signature(self.pipeline.__call__).parameters
+        options = {**self.call_defaults, "eta": settings.eta}
+        if settings.max_sequence_length is not None:
+            options["max_sequence_length"] = settings.max_sequence_length
+        if "max_sequence_length" in options and "max_sequence_length" not in accepted:
+            raise ValueError(f"{type(self.pipeline).__name__} takes no max_sequence_length (it has no T5)")
+        return {key: value for key, value in options.items() if key in accepted}
+
+    def native_size(self) -> tuple[int, int]:
+        """The output size in pixels the pipeline defaults to."""
+        native = getattr(self.net.config, "sample_size", None) or self.pipeline.default_sample_size
+        height, width = (native, native) if isinstance(native, int) else native
+        return height * self.pipeline.vae_scale_factor, width * self.pipeline.vae_scale_factor
 
     def guidance_options(self, settings: SampleSettings) -> dict:
         """`guidance_rescale` for the pipeline call: 0.7 (the paper's value) for a zero-terminal-SNR model unless
@@ -200,12 +226,11 @@ class TextToImageSampler:
         pipeline = self.pipeline
         pipeline.scheduler = self.scheduler(settings)
         # Diffusers falls back to the native size for both sides when either is missing: fill one at a time.
-        native = pipeline.unet.config.sample_size
-        native_height, native_width = (native, native) if isinstance(native, int) else native
-        height = settings.height or native_height * pipeline.vae_scale_factor
-        width = settings.width or native_width * pipeline.vae_scale_factor
+        native_height, native_width = self.native_size()
+        height = settings.height or native_height
+        width = settings.width or native_width
         pipeline.set_progress_bar_config(disable=not progress, leave=False)
-        unet = pipeline.unet
+        unet = self.net
         was_training = unet.training
         unet.eval()
         try:
@@ -217,7 +242,7 @@ class TextToImageSampler:
                 guidance_scale=settings.guidance_scale,
                 **self.guidance_options(settings),
                 num_inference_steps=settings.num_inference_steps,
-                eta=settings.eta,
+                **self.call_options(settings),
                 height=height,
                 width=width,
                 generator=seed_generators(seeds),

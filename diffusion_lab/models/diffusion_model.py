@@ -68,6 +68,11 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """The family's export of this model."""
 
+    def denoiser(self):
+        """What the objective calls as `denoiser(x_t, timesteps, **conditioning).sample`: `net` itself, unless
+        the family calls its network otherwise (Flux packs latents into tokens)."""
+        return self.net
+
     # ---- shared --------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         keys = sample_keys(self.noise_seed, self.global_step, batch["index"])
@@ -76,7 +81,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         alignment = self.alignment
         active = alignment is not None and alignment.active(self.global_step)
         with alignment.student_tokens(self.net) if active else contextlib.nullcontext() as tokens:
-            loss = self.objective.loss(self.net, x0, keys, **conditioning)
+            loss = self.objective.loss(self.denoiser(), x0, keys, **conditioning)
         if alignment is not None:  # with its own line in the logs; 0 once it stops (`stop_step`)
             if active:
                 term = alignment.loss(
@@ -102,7 +107,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         keys = sample_keys(self.noise_seed, -1, batch["index"])
         times = self.objective.validation_times(batch["index"], self.val_timestep_levels)
         loss = self.objective.loss(
-            self.net, self.clean_inputs(batch, keys), keys, times=times, **self.conditioning(batch)
+            self.denoiser(), self.clean_inputs(batch, keys), keys, times=times, **self.conditioning(batch)
         )
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
 

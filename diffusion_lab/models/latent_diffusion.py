@@ -1,8 +1,9 @@
-"""Latent diffusion fine-tuning as a LightningModule: frozen VAE and text encoder(s), trainable UNet.
+"""Latent diffusion fine-tuning as a LightningModule: frozen VAE and text encoder(s), trainable UNet or
+transformer.
 
-What differs between latent families (SD 1.x/2.x, SDXL) is the family's (`families.stable_diffusion`): which
-parts it loads, its conditioning, its pipeline and export. This module holds the parts, drops captions for
-classifier-free guidance and keeps the frozen parts frozen.
+What differs between latent families (SD 1.x/2.x, SDXL, SD3, Flux) is the family's (`families.stable_diffusion`,
+`families.flow_transformer`): which parts it loads, its conditioning, how its network is called, its pipeline and
+export. This module holds the parts, drops captions for classifier-free guidance and keeps the frozen parts frozen.
 """
 
 import inspect
@@ -20,7 +21,6 @@ from diffusion_lab.families.checkpoints import current_key, describe_components
 from diffusion_lab.families.lora import add_lora
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.sd_parts import pipeline_index
-from diffusion_lab.models.attention import set_attention
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 
 
@@ -82,11 +82,20 @@ class LatentDiffusion(DiffusionModel):
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] | None = None,
         val_timestep_levels: int = 10,
+        max_sequence_length: int | None = None,
+        use_t5: bool = True,
+        training_guidance: float | None = None,
     ) -> None:
         family = family_of_pipeline(
             pipeline_index(pretrained, revision), where=f"model.pretrained={pretrained}"
         )
-        parts: ModelParts = family.load_parts(pretrained, revision, vae)
+        if training_guidance is not None and family.default_training_guidance is None:
+            raise ConfigError(
+                f"model.training_guidance applies to guidance-distilled models (flux dev); {family.name} takes "
+                "none: leave it null"
+            )
+        text = {"max_sequence_length": max_sequence_length, "use_t5": use_t5}
+        parts: ModelParts = family.load_parts(pretrained, revision, vae, **text)
         scheduler = training_scheduler(parts.noise_scheduler, noise_scheduler)
         super().__init__(scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels)
         changed = (
@@ -94,7 +103,8 @@ class LatentDiffusion(DiffusionModel):
             if isinstance(noise_scheduler, SchedulerMixin)
             else [key for key, value in dict(noise_scheduler or {}).items() if value is not None]
         )
-        if self.objective.kind == "flow" and changed:
+        is_flow_base = isinstance(parts.noise_scheduler, FlowMatchEulerDiscreteScheduler)
+        if self.objective.kind == "flow" and not is_flow_base and changed:
             raise ConfigError(
                 f"model/objective=flow_matching does not use model.noise_scheduler's {', '.join(changed)} "
                 "(DDPM fields): leave them null"
@@ -108,20 +118,19 @@ class LatentDiffusion(DiffusionModel):
             self.hparams["noise_scheduler"] = dict(noise_scheduler or {})
         self.family = family
         self._base = parts.base
-        frozen = parts.frozen
-        self.vae, self.text_encoder, self.text_encoder_2 = (
-            frozen["vae"],
-            frozen["text_encoder"],
-            frozen.get("text_encoder_2"),
-        )
-        self._tokenizers = {name: frozen[name] for name in ("tokenizer", "tokenizer_2") if name in frozen}
-        self.encoder = LatentEncoder(pretrained, revision, vae, vae_dtype, frozen=frozen)
+        # The frozen modules (vae, text_encoder, ...) are submodules under their pipeline names, so Lightning
+        # moves them with the model; tokenizers and the prompt encoder are kept beside them.
+        self._frozen_modules = [name for name, part in parts.frozen.items() if isinstance(part, torch.nn.Module)]
+        for name in self._frozen_modules:
+            setattr(self, name, parts.frozen[name])
+        self._frozen_other = {name: part for name, part in parts.frozen.items() if name not in self._frozen_modules}
+        self.encoder = LatentEncoder(pretrained, revision, vae, vae_dtype, frozen=parts.frozen, **text)
         self.net = parts.net
         self.encoder.restore_vae_dtype()
         # from_pretrained returns eval-mode modules and Lightning keeps the modes it finds: the UNet must be
         # in train mode, or diffusers skips gradient checkpointing.
         self.net.train()
-        set_attention(self.net, attention)
+        family.prepare_network(self.net, attention)
         if lora_rank is not None:
             add_lora(self.net, lora_rank, lora_alpha, lora_target_modules)
         if gradient_checkpointing:
@@ -131,9 +140,8 @@ class LatentDiffusion(DiffusionModel):
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode at fit start; the frozen parts stay in eval.
         super().train(mode)
-        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
-            if frozen is not None:
-                frozen.eval()
+        for name in self._frozen_modules:
+            getattr(self, name).eval()
         return self
 
     def on_fit_start(self) -> None:
@@ -141,10 +149,11 @@ class LatentDiffusion(DiffusionModel):
 
     def parts(self) -> ModelParts:
         """This module's own parts (no copies), as the family builds pipelines and exports from them."""
-        frozen = {"vae": self.vae, "text_encoder": self.text_encoder, **self._tokenizers}
-        if self.text_encoder_2 is not None:
-            frozen["text_encoder_2"] = self.text_encoder_2
+        frozen = {**self._frozen_other, **{name: getattr(self, name) for name in self._frozen_modules}}
         return ModelParts(self.net, self.noise_scheduler, frozen, self._base)
+
+    def denoiser(self):
+        return self.family.denoiser(self.net, training_guidance=self.hparams.training_guidance)
 
     # ---- what the UNet sees -------------------------------------------------------------------------
     def clean_inputs(self, batch: dict, keys: list[int]) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""What the rectified-flow transformer families (SD3, Flux, Z-Image) share, on top of the Stable Diffusion
+family's checkpoint, LoRA and export logic.
+
+Each is a stock diffusers pipeline: a `transformer/` trained on flow matching, frozen text encoders and a
+16-channel VAE, loaded with the pipeline class's own `from_pretrained` (so any layout diffusers reads, reads
+here), its prompts encoded by the pipeline's own `encode_prompt` (training sees what inference feeds), its
+samples drawn by that pipeline with its own FlowMatchEuler scheduler, and its export the same pipeline folder.
+A subclass names its classes and says how the transformer is called (`denoiser`) and how prompts encode.
+"""
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.families.base import ModelParts
+from diffusion_lab.families.lora import add_lora, save_kohya, save_lora
+from diffusion_lab.families.prompts import PipelinePromptEncoder, PromptEmbeddings
+from diffusion_lab.families.sd_parts import decode_in_own_dtype, load_vae
+from diffusion_lab.families.stable_diffusion import StableDiffusion
+from diffusion_lab.generation.samplers import TextToImageSampler
+
+NOT_FROZEN = ("transformer", "scheduler")
+
+
+class FlowTransformerFamily(StableDiffusion, abc.ABC):
+    """A flow-matching transformer behind a stock pipeline (`pipeline_classes[0]`)."""
+
+    transformer_class: ClassVar[str]  # the diffusers class under `transformer/`
+    default_max_sequence_length: ClassVar[int]  # the pipeline's own `max_sequence_length` default
+    t5_optional: ClassVar[bool] = False  # SD3 was trained to work without its T5 (arXiv:2403.03206 section 5.3.2)
+    denoiser_name = "transformer"
+
+    def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
+        return False  # every checkpoint of these families names its family
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    # ---- text -------------------------------------------------------------------------------------------
+    def text_options(self, max_sequence_length: int | None = None, use_t5: bool = True) -> dict:
+        """The prompt settings in force (null: the pipeline's default length), checked."""
+        if not use_t5 and not self.t5_optional:
+            raise ConfigError(f"model.use_t5=false: the {self.name} family needs its T5 encoder (only sd3 runs without)")
+        length = self.default_max_sequence_length if max_sequence_length is None else int(max_sequence_length)
+        if not 1 <= length <= self.default_max_sequence_length:
+            raise ConfigError(
+                f"model.max_sequence_length={max_sequence_length}: between 1 and {self.default_max_sequence_length} "
+                f"(the {self.name} pipeline's limit)"
+            )
+        return {"max_sequence_length": length, "use_t5": bool(use_t5)}
+
+    @abc.abstractmethod
+    def encode(self, pipeline, captions: list[str], device: torch.device, max_sequence_length: int) -> PromptEmbeddings:
+        """The pipeline's `encode_prompt` for `captions`, as (context, pooled)."""
+
+    def t5_components(self) -> tuple[str, ...]:
+        """The pipeline names of the T5 encoder and its tokenizer (dropped with `use_t5=false`)."""
+        return ()
+
+    def load_frozen(
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, **text
+    ) -> dict:
+        """The tokenizers, text encoders (frozen, eval mode) and VAE (or the replacement `vae`), by their pipeline
+        names, and `prompts`, the encoder training and the caches call."""
+        options = self.text_options(**text)
+        skipped = {name: None for name in NOT_FROZEN}
+        if not options["use_t5"]:
+            skipped.update({name: None for name in self.t5_components()})
+        if vae:
+            skipped["vae"] = load_vae(vae)
+        pipeline = self.pipeline_class.from_pretrained(pretrained, revision=revision, **skipped)
+        frozen = {name: part for name, part in pipeline.components.items() if part is not None and name not in NOT_FROZEN}
+        for part in frozen.values():
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False).eval()
+        decode_in_own_dtype(frozen["vae"])
+        length = options["max_sequence_length"]
+        encoders = [part for part in frozen.values() if isinstance(part, torch.nn.Module) and part is not frozen["vae"]]
+        frozen["prompts"] = PipelinePromptEncoder(
+            pipeline, lambda pipe, captions, device: self.encode(pipe, captions, device, length), encoders
+        )
+        return frozen
+
+    # ---- parts ------------------------------------------------------------------------------------------
+    def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> ModelParts:
+        import diffusers
+
+        source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
+        frozen = self.load_frozen(pretrained, revision, vae, **text)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**source, subfolder="scheduler")
+        net = getattr(diffusers, self.transformer_class).from_pretrained(**source, subfolder="transformer")
+        base = {"pretrained": pretrained, "revision": revision, "scheduler_config": dict(scheduler.config),
+                **self.text_options(**text)}  # fmt: skip
+        return ModelParts(net, scheduler, frozen, base)
+
+    def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
+        from diffusion_lab.families.checkpoints import load_trained_weights, trained_scheduler
+
+        hyper = checkpoint["hyper_parameters"]
+        parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"),
+                                max_sequence_length=hyper.get("max_sequence_length"),
+                                use_t5=hyper.get("use_t5", True))  # fmt: skip
+        parts.noise_scheduler = trained_scheduler(checkpoint) or parts.noise_scheduler
+        if hyper.get("lora_rank"):
+            add_lora(parts.net, hyper["lora_rank"], hyper.get("lora_alpha"),
+                     hyper.get("lora_target_modules") or self.lora_target_modules)  # fmt: skip
+        load_trained_weights(parts.net, checkpoint)
+        return parts
+
+    def parts_from_pipeline(self, pipeline) -> ModelParts:
+        frozen = {name: part for name, part in pipeline.components.items() if name not in NOT_FROZEN}
+        return ModelParts(pipeline.transformer, pipeline.scheduler, {k: v for k, v in frozen.items() if v is not None})
+
+    def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
+        """These transformers run their own attention processors (joint text-image attention, rotary
+        embeddings), all on torch's SDPA: replacing them would break the model."""
+        if attention != "sdpa":
+            raise ConfigError(f"model.attention={attention}: the {self.name} family runs diffusers' own SDPA processors (sdpa only)")
+
+    # ---- using them -------------------------------------------------------------------------------------
+    def pipeline(self, parts: ModelParts, scheduler=None):
+        names = self.pipeline_class._get_signature_keys(self.pipeline_class)[0]
+        components = {name: parts.frozen.get(name) for name in names if name not in NOT_FROZEN}
+        return self.pipeline_class(transformer=parts.net, scheduler=scheduler or self.sampling_scheduler(parts), **components)
+
+    def sampling_scheduler(self, parts: ModelParts):
+        """The training scheduler itself: the pipelines sample with FlowMatchEuler on its shift (dynamic for
+        Flux), as the base model's folder ships."""
+        return type(parts.noise_scheduler).from_config(parts.noise_scheduler.config)
+
+    def sampler(self, parts: ModelParts) -> TextToImageSampler:
+        length = (parts.base or {}).get("max_sequence_length")
+        return TextToImageSampler(self.pipeline(parts), own_scheduler=True,
+                                  call_defaults={"max_sequence_length": length} if length else None)  # fmt: skip
+
+    def sampler_from_pipeline(self, pipeline) -> TextToImageSampler:
+        return TextToImageSampler(pipeline, own_scheduler=True)
+
+    def save_pipeline(self, parts: ModelParts, folder: Path) -> Path:
+        if parts.has_lora:
+            return save_lora(parts.net, folder, self.pipeline_class, component="transformer")
+        return super().save_pipeline(parts, folder)
+
+    def save_kohya(self, parts: ModelParts, folder: Path) -> Path:
+        return save_kohya(parts.net, folder, component="transformer")

@@ -46,6 +46,10 @@ class PromptGrid(EndOfRunWork):
         self.height, self.width = height, width  # e.g. an SDXL bucket (1216 x 832); None: the native size
         self._last_step = -1
 
+    def cached_prompts(self) -> list[str]:
+        """What a run with a prompt cache encodes before training, so drawing this grid needs no text encoder."""
+        return [*self.prompts, self.negative_prompt or ""]
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_grid(pl_module, "prompt", "prompt_grid")
 
@@ -57,7 +61,7 @@ class PromptGrid(EndOfRunWork):
         )  # fmt: skip
         prompts = [prompt for prompt in self.prompts for _ in self.seeds]
         seeds = [seed for _ in self.prompts for seed in self.seeds]
-        return pl_module.family.sampler(pl_module.parts()).generate(seeds, settings, prompts=prompts)
+        return pl_module.sampler().generate(seeds, settings, prompts=prompts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         stop_if_requested()

@@ -39,7 +39,7 @@ class SampleGrid(EndOfRunWork):
         self.seed = seed
 
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
-        sampler = pl_module.family.sampler(pl_module.parts())
+        sampler = pl_module.sampler()
         num_classes = sampler.num_classes
         labels = [k % num_classes for k in range(self.num_images)] if num_classes else None
         settings = SampleSettings(scheduler=self.scheduler_name, num_inference_steps=self.num_inference_steps)

@@ -119,7 +119,7 @@ class SampleQuality(EndOfRunWork):
         averaged = ema_weights(trainer, pl_module) if use_ema else contextlib.nullcontext()
         with torch.random.fork_rng(devices=cuda), averaged:
             reference = self.reference(trainer, device)
-            sampler = pl_module.family.sampler(pl_module.parts())
+            sampler = pl_module.sampler()
             prompts = reference.captions if sampler.kind == "text" else None
             if sampler.kind == "text" and self.clip_model and self._clip_scorer is None:
                 self._clip_scorer = ClipScorer(self.clip_model)

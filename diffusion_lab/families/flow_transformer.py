@@ -63,36 +63,50 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         """The pipeline names of the T5 encoder and its tokenizer (dropped with `use_t5=false`)."""
         return ()
 
+    def text_components(self) -> tuple[str, ...]:
+        """The pipeline's tokenizers and text encoders, by name."""
+        names = self.pipeline_class._get_signature_keys(self.pipeline_class)[0]
+        return tuple(name for name in names if name.startswith(("tokenizer", "text_encoder")))
+
     def load_frozen(
-        self, pretrained: str, revision: str | None = None, vae: str | None = None, **text
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
     ) -> dict:
         """The tokenizers, text encoders (frozen, eval mode) and VAE (or the replacement `vae`), by their pipeline
-        names, and `prompts`, the encoder training and the caches call."""
+        names, and `prompts`, the encoder training and the caches call; `components`: all, vae or text."""
         options = self.text_options(**text)
         skipped = {name: None for name in NOT_FROZEN}
         if not options["use_t5"]:
             skipped.update({name: None for name in self.t5_components()})
-        if vae:
+        if components == "vae":
+            skipped.update({name: None for name in self.text_components()})
+        if components == "text":
+            skipped["vae"] = None
+        elif vae:
             skipped["vae"] = load_vae(vae)
         pipeline = self.pipeline_class.from_pretrained(pretrained, revision=revision, **skipped)
         frozen = {name: part for name, part in pipeline.components.items() if part is not None and name not in NOT_FROZEN}
         for part in frozen.values():
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False).eval()
-        decode_in_own_dtype(frozen["vae"])
+        if "vae" in frozen:
+            decode_in_own_dtype(frozen["vae"])
+        if components == "vae":
+            return frozen
         length = options["max_sequence_length"]
-        encoders = [part for part in frozen.values() if isinstance(part, torch.nn.Module) and part is not frozen["vae"]]
+        encoders = [frozen[name] for name in self.text_components() if name.startswith("text_encoder") and name in frozen]
         frozen["prompts"] = PipelinePromptEncoder(
             pipeline, lambda pipe, captions, device: self.encode(pipe, captions, device, length), encoders
         )
         return frozen
 
     # ---- parts ------------------------------------------------------------------------------------------
-    def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> ModelParts:
+    def load_parts(
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
+    ) -> ModelParts:
         import diffusers
 
         source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
-        frozen = self.load_frozen(pretrained, revision, vae, **text)
+        frozen = self.load_frozen(pretrained, revision, vae, components, **text)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**source, subfolder="scheduler")
         net = getattr(diffusers, self.transformer_class).from_pretrained(**source, subfolder="transformer")
         base = {"pretrained": pretrained, "revision": revision, "scheduler_config": dict(scheduler.config),
@@ -134,10 +148,13 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         Flux), as the base model's folder ships."""
         return type(parts.noise_scheduler).from_config(parts.noise_scheduler.config)
 
-    def sampler(self, parts: ModelParts) -> TextToImageSampler:
+    pooled_inputs = True
+
+    def sampler(self, parts: ModelParts, prompt_encoder=None) -> TextToImageSampler:
         length = (parts.base or {}).get("max_sequence_length")
         return TextToImageSampler(self.pipeline(parts), own_scheduler=True,
-                                  call_defaults={"max_sequence_length": length} if length else None)  # fmt: skip
+                                  call_defaults={"max_sequence_length": length} if length else None,
+                                  prompt_inputs=self.prompt_inputs(prompt_encoder))  # fmt: skip
 
     def sampler_from_pipeline(self, pipeline) -> TextToImageSampler:
         return TextToImageSampler(pipeline, own_scheduler=True)

@@ -64,6 +64,21 @@ class Flux(FlowTransformerFamily):
         )
         return PromptEmbeddings(hidden, pooled)
 
+    def prompt_inputs(self, prompt_encoder):
+        """Flux dev is guidance-distilled: a negative prompt is fed only when one is asked for (true CFG)."""
+        if prompt_encoder is None:
+            return None
+
+        def inputs(prompts: list[str], negative_prompt: str | None, device) -> dict:
+            positive = prompt_encoder(prompts, device)
+            given = {"prompt_embeds": positive.hidden, "pooled_prompt_embeds": positive.pooled}
+            if negative_prompt:
+                negative = prompt_encoder([negative_prompt] * len(prompts), device)
+                given.update(negative_prompt_embeds=negative.hidden, negative_pooled_prompt_embeds=negative.pooled)
+            return given
+
+        return inputs
+
     def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
         return {"encoder_hidden_states": prompts.hidden.to(dtype), "pooled_projections": prompts.pooled.to(dtype)}
 

@@ -40,7 +40,8 @@ class LatentEncoder:
         # the T5 families' prompt settings (`model.max_sequence_length`, `model.use_t5`): they change the embeddings
         self.text = {"max_sequence_length": max_sequence_length, "use_t5": bool(use_t5)}
         self.vae_dtype, self.text_encoder_dtype = vae_dtype, text_encoder_dtype
-        self._frozen = frozen
+        self._frozen = None if frozen is None else dict(frozen)
+        self._device = torch.device("cpu")
         self._fingerprint: str | None = None
 
     def key(self) -> dict:
@@ -57,28 +58,51 @@ class LatentEncoder:
             key["text"] = dict(self.text)
         return key
 
+    def _load(self, components: str) -> dict:
+        if not self.pretrained:
+            return {"vae": load_vae(self.vae_name)} if components != "text" else {}
+        from diffusion_lab.families.registry import family_of_pipeline
+
+        index = pipeline_index(self.pretrained, self.revision)
+        family = family_of_pipeline(index, where=f"model.pretrained={self.pretrained}")
+        return family.load_frozen(self.pretrained, self.revision, self.vae_name, components, **self.text)
+
     @property
     def frozen(self) -> dict:
+        """Every frozen part (VAE, tokenizers, text encoders, `prompts`), loading what is not loaded yet."""
         if self._frozen is None:
-            if self.pretrained:
-                from diffusion_lab.families.registry import family_of_pipeline
-
-                index = pipeline_index(self.pretrained, self.revision)
-                family = family_of_pipeline(index, where=f"model.pretrained={self.pretrained}")
-                self._frozen = family.load_frozen(self.pretrained, self.revision, self.vae_name, **self.text)
-            else:
-                self._frozen = {"vae": load_vae(self.vae_name)}
-            self.to(torch.device("cpu"))
+            self._frozen = self._load("all")
+            self.to(self._device)
+        elif "vae" not in self._frozen:
+            self._frozen.update(self._load("vae"))
+            self.to(self._device)
+        if self.pretrained and "prompts" not in self._frozen:
+            self._frozen.update(self._load("text"))
+            self.to(self._device)
         return self._frozen
 
     @property
     def vae(self) -> torch.nn.Module:
-        return self.frozen["vae"]
+        if self._frozen is None or "vae" not in self._frozen:
+            self._frozen = {**(self._frozen or {}), **self._load("vae")}
+            self.to(self._device)
+        return self._frozen["vae"]
+
+    @property
+    def text_loaded(self) -> bool:
+        return self._frozen is not None and "prompts" in self._frozen
+
+    def text_parts(self) -> dict:
+        """The tokenizers and text encoders by their pipeline names (loaded if need be), for a pipeline folder."""
+        return {name: part for name, part in self.frozen.items() if name not in ("vae", "prompts")}
 
     def to(self, device: torch.device) -> "LatentEncoder":
-        """The VAE (in `vae_dtype`) and text encoders (in `text_encoder_dtype`) on `device`."""
-        frozen = self.frozen
-        frozen["vae"].to(device=device, dtype=dtype_from_name(self.vae_dtype))
+        """The VAE (in `vae_dtype`) and text encoders (in `text_encoder_dtype`) on `device`; parts loaded later
+        go there too."""
+        self._device = torch.device(device)
+        frozen = self._frozen or {}
+        if "vae" in frozen:
+            frozen["vae"].to(device=device, dtype=dtype_from_name(self.vae_dtype))
         for encoder in frozen["prompts"].text_encoders if "prompts" in frozen else ():
             encoder.to(device=device, dtype=dtype_from_name(self.text_encoder_dtype))
         return self
@@ -86,6 +110,11 @@ class LatentEncoder:
     def release(self) -> None:
         """Drop the loaded parts (the latent cache is built; training reads it)."""
         self._frozen = None
+
+    def release_text(self) -> None:
+        """Drop the tokenizers and text encoders only (a prompt cache is filled; the VAE stays)."""
+        if self._frozen is not None:
+            self._frozen = {name: part for name, part in self._frozen.items() if name == "vae"}
 
     def restore_vae_dtype(self) -> None:
         """A "true" precision (bf16-true) casts every weight of the model: the VAE goes back to its own."""

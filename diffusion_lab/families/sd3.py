@@ -38,8 +38,10 @@ class StableDiffusion3(FlowTransformerFamily):
     def t5_components(self) -> tuple[str, ...]:
         return ("text_encoder_3", "tokenizer_3")
 
-    def load_frozen(self, pretrained, revision=None, vae=None, **text) -> dict:
-        frozen = super().load_frozen(pretrained, revision, vae, **text)
+    def load_frozen(self, pretrained, revision=None, vae=None, components: str = "all", **text) -> dict:
+        frozen = super().load_frozen(pretrained, revision, vae, components, **text)
+        if "prompts" not in frozen:
+            return frozen
         pipeline = frozen["prompts"].pipeline
         if pipeline.text_encoder_3 is None:
             from diffusers import SD3Transformer2DModel

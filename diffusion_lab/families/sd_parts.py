@@ -45,18 +45,26 @@ def load_vae(pretrained_model_name_or_path: str, **kwargs) -> AutoencoderKL:
     return decode_in_own_dtype(vae.requires_grad_(False).eval())
 
 
-def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | None = None) -> dict:
+COMPONENTS = ("all", "vae", "text")  # which frozen parts a loader returns
+
+
+def load_text_and_vae(
+    pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all"
+) -> dict:
     """The frozen parts, `requires_grad_(False)` and in eval mode: the tokenizer(s), text encoder(s) (SDXL:
-    `text_encoder_2` with its projection) and the VAE, from `pretrained`'s `vae/` or from `vae`, a folder
-    or hub id of a replacement (`madebyollin/sdxl-vae-fp16-fix`: SDXL's VAE, fine-tuned not to overflow in
-    fp16)."""
+    `text_encoder_2` with its projection) and their `prompts` encoder, and the VAE, from `pretrained`'s `vae/`
+    or from `vae`, a folder or hub id of a replacement (`madebyollin/sdxl-vae-fp16-fix`: SDXL's VAE, fine-tuned
+    not to overflow in fp16). `components`: all, or only the VAE or only the text side (a run whose prompts come
+    from a cache never loads its text encoders)."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
+    parts = {}
+    if components in ("all", "vae"):
+        parts["vae"] = load_vae(vae) if vae else load_vae(**source, subfolder="vae")
+    if components not in ("all", "text"):
+        return parts
     index = pipeline_index(pretrained, revision)
-    parts = {
-        "tokenizer": CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(**source, subfolder="text_encoder"),
-        "vae": load_vae(vae) if vae else load_vae(**source, subfolder="vae"),
-    }
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer")
+    parts["text_encoder"] = CLIPTextModel.from_pretrained(**source, subfolder="text_encoder")
     if has_second_text_encoder(index):
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(**source, subfolder="tokenizer_2")
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
@@ -69,21 +77,26 @@ def load_text_and_vae(pretrained: str, revision: str | None = None, vae: str | N
         [parts[name] for name in ("tokenizer", "tokenizer_2") if name in parts],
         [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts],
         # StableDiffusionXLPipeline's default when the folder does not say: zeros
-        zeros_for_empty_prompt=bool(
-            index.get("force_zeros_for_empty_prompt", has_second_text_encoder(index))
-        ),
+        zeros_for_empty_prompt=zeros_for_empty_prompt(index),
     )
     return parts
 
 
-def load_parts(pretrained: str, revision: str | None = None, vae: str | None = None) -> ModelParts:
+def zeros_for_empty_prompt(index: dict) -> bool:
+    """Whether the pipeline feeds zeros (not the encoding of "") as the unconditional prompt: SDXL's default."""
+    return bool(index.get("force_zeros_for_empty_prompt", has_second_text_encoder(index)))
+
+
+def load_parts(
+    pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all"
+) -> ModelParts:
     """The UNet, the training noise schedule as a DDPMScheduler (SDXL ships an Euler sampler config on the
     same betas: diffusers' SDXL training scripts read it the same way) and the frozen parts."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
-    frozen = load_text_and_vae(pretrained, revision, vae)
+    frozen = load_text_and_vae(pretrained, revision, vae, components)
     scheduler = DDPMScheduler.from_pretrained(**source, subfolder="scheduler")
     base = {"pretrained": pretrained, "revision": revision, "scheduler_config": dict(scheduler.config),
-            "zeros_for_empty_prompt": frozen["prompts"].zeros_for_empty_prompt}  # fmt: skip
+            "zeros_for_empty_prompt": zeros_for_empty_prompt(pipeline_index(pretrained, revision))}  # fmt: skip
     unet = UNet2DConditionModel.from_pretrained(**source, subfolder="unet")
     return ModelParts(unet, scheduler, frozen, base)
 

@@ -60,14 +60,20 @@ class StableDiffusion(Family):
             )
         return {}
 
-    def load_frozen(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> dict:
-        """The tokenizer(s), text encoder(s), VAE and `prompts` encoder (see `sd_parts.load_text_and_vae`)."""
+    def load_frozen(
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
+    ) -> dict:
+        """The tokenizer(s), text encoder(s), VAE and `prompts` encoder (see `sd_parts.load_text_and_vae`);
+        `components`: all, vae or text."""
         self.text_options(**text)
-        return load_text_and_vae(pretrained, revision, vae)
+        return load_text_and_vae(pretrained, revision, vae, components)
 
-    def load_parts(self, pretrained: str, revision: str | None = None, vae: str | None = None, **text) -> ModelParts:
+    def load_parts(
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
+    ) -> ModelParts:
+        """The trainable network, its scheduler and the frozen `components` (all, or vae only: see `load_frozen`)."""
         self.text_options(**text)
-        return load_parts(pretrained, revision, vae)
+        return load_parts(pretrained, revision, vae, components)
 
     def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
         """The UNet's attention kernel (`model.attention`)."""
@@ -114,13 +120,34 @@ class StableDiffusion(Family):
 
         frozen = parts.frozen
         return StableDiffusionPipeline(
-            vae=frozen["vae"], text_encoder=frozen["text_encoder"], tokenizer=frozen["tokenizer"], unet=parts.net,
+            vae=frozen["vae"], text_encoder=frozen.get("text_encoder"), tokenizer=frozen.get("tokenizer"), unet=parts.net,
             scheduler=scheduler or parts.noise_scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )  # fmt: skip
 
-    def sampler(self, parts: ModelParts) -> TextToImageSampler:
-        return TextToImageSampler(self.pipeline(parts))
+    def sampler(self, parts: ModelParts, prompt_encoder=None) -> TextToImageSampler:
+        """The family's pipeline over `parts`; with a `prompt_encoder` (a run's prompt cache) the pipeline is given
+        embeddings, and needs no text encoders."""
+        return TextToImageSampler(self.pipeline(parts), prompt_inputs=self.prompt_inputs(prompt_encoder))
+
+    pooled_inputs = False  # whether the pipeline takes pooled embeddings (SDXL, SD3, Flux)
+
+    def prompt_inputs(self, prompt_encoder):
+        """prompts, negative prompt, device -> the pipeline's embedding arguments, from `prompt_encoder` (None:
+        the pipeline encodes its prompts itself). The negative is "" (or zeros, as the pipeline does) when none
+        is given."""
+        if prompt_encoder is None:
+            return None
+
+        def inputs(prompts: list[str], negative_prompt: str | None, device) -> dict:
+            positive = prompt_encoder(prompts, device)
+            negative = prompt_encoder([negative_prompt or ""] * len(prompts), device)
+            given = {"prompt_embeds": positive.hidden, "negative_prompt_embeds": negative.hidden}
+            if self.pooled_inputs:
+                given.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+            return given
+
+        return inputs
 
     def sampler_from_pipeline(self, pipeline) -> TextToImageSampler:
         return TextToImageSampler(pipeline)  # as loaded: its safety checker, LoRA and all
@@ -170,6 +197,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    pooled_inputs = True
     tiny_overrides = ("experiment=sdxl_lora_tiny", "~latent_cache")
     two_encoders = True
 
@@ -191,8 +219,8 @@ class StableDiffusionXL(StableDiffusion):
 
         frozen = parts.frozen
         return StableDiffusionXLPipeline(
-            vae=frozen["vae"], text_encoder=frozen["text_encoder"], tokenizer=frozen["tokenizer"],
-            text_encoder_2=frozen["text_encoder_2"], tokenizer_2=frozen["tokenizer_2"], unet=parts.net,
+            vae=frozen["vae"], text_encoder=frozen.get("text_encoder"), tokenizer=frozen.get("tokenizer"),
+            text_encoder_2=frozen.get("text_encoder_2"), tokenizer_2=frozen.get("tokenizer_2"), unet=parts.net,
             scheduler=scheduler or parts.noise_scheduler, add_watermarker=False,
             force_zeros_for_empty_prompt=(parts.base or {}).get("zeros_for_empty_prompt", True),
         )  # fmt: skip

@@ -146,13 +146,17 @@ class TextToImageSampler:
     """Any diffusers text-to-image pipeline (Stable Diffusion and relatives, SD3, Flux): prompts, guidance,
     negatives. `own_scheduler`: with no scheduler named, sample with the pipeline's own (SD3 / Flux: flow-match
     Euler, as their folders ship) rather than the DDIM / UniPC default; `call_defaults`: pipeline arguments a
-    model was trained with (`max_sequence_length`) that the settings may override."""
+    model was trained with (`max_sequence_length`) that the settings may override; `prompt_inputs(prompts,
+    negative_prompt, device)`: the pipeline's embedding arguments from a prompt cache, in place of the prompts
+    (the pipeline then needs no text encoders)."""
 
     kind = "text"
     num_classes = None
 
-    def __init__(self, pipeline, own_scheduler: bool = False, call_defaults: dict | None = None) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self, pipeline, own_scheduler: bool = False, call_defaults: dict | None = None, prompt_inputs=None
+    ) -> None:
+        self.pipeline, self.prompt_inputs = pipeline, prompt_inputs
         self.training_scheduler_config = pipeline.scheduler.config
         self.own_scheduler, self.call_defaults = own_scheduler, dict(call_defaults or {})
 
@@ -234,11 +238,13 @@ class TextToImageSampler:
         was_training = unet.training
         unet.eval()
         try:
+            if self.prompt_inputs is not None:
+                given = self.prompt_inputs(list(prompts), settings.negative_prompt, self.device)
+            else:
+                negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+                given = {"prompt": list(prompts), "negative_prompt": negative}
             images = pipeline(
-                prompt=list(prompts),
-                negative_prompt=[settings.negative_prompt] * len(prompts)
-                if settings.negative_prompt
-                else None,
+                **given,
                 guidance_scale=settings.guidance_scale,
                 **self.guidance_options(settings),
                 num_inference_steps=settings.num_inference_steps,

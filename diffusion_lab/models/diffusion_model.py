@@ -68,6 +68,10 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """The family's export of this model."""
 
+    def sampler(self):
+        """What grids and quality callbacks draw with: the family's sampler over this module's parts."""
+        return self.family.sampler(self.parts())
+
     def denoiser(self):
         """What the objective calls as `denoiser(x_t, timesteps, **conditioning).sample`: `net` itself, unless
         the family calls its network otherwise (Flux packs latents into tokens)."""

@@ -19,6 +19,7 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.families import LatentEncoder, ModelParts, family_of_pipeline
 from diffusion_lab.families.checkpoints import current_key, describe_components
 from diffusion_lab.families.lora import add_lora
+from diffusion_lab.families.prompt_cache import PromptCache
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.sd_parts import pipeline_index
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
@@ -85,6 +86,8 @@ class LatentDiffusion(DiffusionModel):
         max_sequence_length: int | None = None,
         use_t5: bool = True,
         training_guidance: float | None = None,
+        prompt_cache: str | None = None,
+        text_encoder_dtype: str | None = None,
     ) -> None:
         family = family_of_pipeline(
             pipeline_index(pretrained, revision), where=f"model.pretrained={pretrained}"
@@ -95,7 +98,9 @@ class LatentDiffusion(DiffusionModel):
                 "none: leave it null"
             )
         text = {"max_sequence_length": max_sequence_length, "use_t5": use_t5}
-        parts: ModelParts = family.load_parts(pretrained, revision, vae, **text)
+        # With a prompt cache the text encoders load only to fill it (`prepare_data`), never with the model.
+        components = "vae" if prompt_cache else "all"
+        parts: ModelParts = family.load_parts(pretrained, revision, vae, components, **text)
         scheduler = training_scheduler(parts.noise_scheduler, noise_scheduler)
         super().__init__(scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels)
         changed = (
@@ -124,7 +129,10 @@ class LatentDiffusion(DiffusionModel):
         for name in self._frozen_modules:
             setattr(self, name, parts.frozen[name])
         self._frozen_other = {name: part for name, part in parts.frozen.items() if name not in self._frozen_modules}
-        self.encoder = LatentEncoder(pretrained, revision, vae, vae_dtype, frozen=parts.frozen, **text)
+        self.encoder = LatentEncoder(
+            pretrained, revision, vae, vae_dtype, text_encoder_dtype, frozen=parts.frozen, **text
+        )
+        self.prompt_cache = PromptCache(self.encoder, prompt_cache) if prompt_cache else None
         self.net = parts.net
         self.encoder.restore_vae_dtype()
         # from_pretrained returns eval-mode modules and Lightning keeps the modes it finds: the UNet must be
@@ -146,6 +154,23 @@ class LatentDiffusion(DiffusionModel):
 
     def on_fit_start(self) -> None:
         self.encoder.restore_vae_dtype()
+
+    def prepare_data(self) -> None:
+        """With a prompt cache: the prompts callbacks will draw with (the prompt grid's, its negative, "") are
+        encoded now, once per node, and the text encoders released, so training runs without them."""
+        super().prepare_data()
+        if self.prompt_cache is None:
+            return
+        prompts = [""]
+        for callback in self.trainer.callbacks:
+            prompts += list(getattr(callback, "cached_prompts", list)())
+        self.prompt_cache.fill(prompts, self.trainer.strategy.root_device)
+        self.release_text_encoders()
+
+    def release_text_encoders(self) -> None:
+        self.encoder.release_text()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def parts(self) -> ModelParts:
         """This module's own parts (no copies), as the family builds pipelines and exports from them."""
@@ -179,7 +204,7 @@ class LatentDiffusion(DiffusionModel):
                 "" if drop else caption
                 for caption, drop in zip(batch["caption"], dropped.tolist(), strict=True)
             ]
-            return self.encoder.encode_prompts(captions, self.device)
+            return (self.prompt_cache or self.encoder.encode_prompts)(captions, self.device)
 
         def chosen(name: str) -> torch.Tensor | None:
             if name not in batch:
@@ -217,6 +242,20 @@ class LatentDiffusion(DiffusionModel):
         trained = {current_key(key): value for key, value in checkpoint["state_dict"].items()}
         checkpoint["state_dict"] = {**{k: current[k] for k in frozen}, **trained}
 
+    def sampler(self):
+        """The family's sampler; with a prompt cache it feeds the pipeline cached embeddings."""
+        return self.family.sampler(self.parts(), prompt_encoder=self.prompt_cache)
+
     def save_pipeline(self, out_dir: str | Path) -> Path:
-        """The family's export: a pipeline folder, or LoRA adapters for the base model."""
-        return self.family.save_pipeline(self.parts(), Path(out_dir))
+        """The family's export: a pipeline folder, or LoRA adapters for the base model. A full model's folder
+        holds the text encoders too: a run with a prompt cache loads them (on the CPU) to write it."""
+        parts = self.parts()
+        if parts.has_lora or self.encoder.text_loaded or self.prompt_cache is None:
+            return self.family.save_pipeline(parts, Path(out_dir))
+        self.encoder.to(torch.device("cpu"))
+        try:
+            parts.frozen.update(self.encoder.text_parts())
+            return self.family.save_pipeline(parts, Path(out_dir))
+        finally:
+            self.release_text_encoders()
+            self.encoder.to(self.device)

@@ -124,3 +124,19 @@ def tiny_sdxl(tmp_path_factory):
     from diffusion_lab.families.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny random SD3 folder (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE; 32 px images)."""
+    from diffusion_lab.families.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny_sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny random Flux.1-dev folder (guidance embedding, CLIP-L + T5, dynamic shift; 32 px images)."""
+    from diffusion_lab.families.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny_flux")

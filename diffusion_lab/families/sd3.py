@@ -51,6 +51,18 @@ class StableDiffusion3(FlowTransformerFamily):
             pipeline.transformer = _ConfigOnly(FrozenDict(config))
         return frozen
 
+    def load_pipeline(self, name_or_path: str, **kwargs):
+        """A folder exported from a run without T5 lists `text_encoder_3` / `tokenizer_3` as null, which diffusers
+        loads only when told so: `StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=None,
+        tokenizer_3=None)`, as here."""
+        from diffusers import DiffusionPipeline
+
+        index = dict(DiffusionPipeline.load_config(name_or_path, revision=kwargs.get("revision")))
+        for name in self.t5_components():
+            if (index.get(name) or [None])[0] is None:
+                kwargs[name] = None
+        return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+
     def build_tiny(self, out_dir, sample_size: int = 32, seed: int = 0):
         from diffusion_lab.families.tiny import build_tiny_sd3
 

@@ -1,0 +1,236 @@
+"""SD3 and Flux through the shared latent model: LoRA and full fine-tunes, exports stock diffusers loads (LoRA with
+its alpha, and the kohya file), flow targets and Flux's resolution-dependent shift, the prompt and latent caches,
+and SD3 without T5. Tiny random checkpoints, CPU, no download."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from safetensors.torch import load_file
+
+from diffusion_lab.core import FlowMatching
+from diffusion_lab.core.schedulers import scheduler_from_name
+from diffusion_lab.core.timesteps import LogitNormal, shift_noise_level
+from diffusion_lab.data import LatentCacheDataModule
+from diffusion_lab.data.digits import DigitsDataModule
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.families import LatentEncoder, family_named, load_sampler
+from diffusion_lab.families.checkpoints import read_checkpoint
+from diffusion_lab.families.lora import KOHYA_FILE, from_kohya, lora_state_dict
+from diffusion_lab.generation import SampleSettings
+from diffusion_lab.models import LatentDiffusion
+from tests.conftest import bare_trainer
+
+CAPTION = "a handwritten digit {label}"
+PROMPT = "a handwritten digit 3"
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def tiny(request):
+    """(family name, its tiny checkpoint folder)."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
+def _model(folder, **overrides) -> LatentDiffusion:
+    settings = dict(
+        pretrained=str(folder), optimizer=functools.partial(torch.optim.AdamW), lr=1e-2,
+        objective=functools.partial(FlowMatching, timesteps=LogitNormal()), caption_dropout=0.2,
+    )  # fmt: skip
+    return LatentDiffusion(**{**settings, **overrides})
+
+
+def _digits(batch_size: int = 4) -> DigitsDataModule:
+    return DigitsDataModule(image_size=32, channels=3, batch_size=batch_size, caption_template=CAPTION)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _denoised(model_or_net, family, inputs) -> torch.Tensor:
+    """The family's network called as in training on fixed inputs."""
+    with torch.no_grad():
+        return family.denoiser(model_or_net)(*inputs["args"], **inputs["kwargs"]).sample
+
+
+def _inputs(model: LatentDiffusion) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 16, 16, 16, generator=generator)
+    prompts = model.encoder.encode_prompts([PROMPT, ""], "cpu")
+    conditioning = model.family.conditioning(prompts, {}, torch.float32, "cpu")
+    return {"args": (x_t, torch.tensor([250.0, 750.0])), "kwargs": conditioning}
+
+
+def test_lora_trains_only_the_adapters_and_leaves_base_and_frozen_parts_bit_identical(tiny):
+    name, folder = tiny
+    model = _model(folder, lora_rank=4, lora_alpha=8)
+    assert model.family.name == name
+    frozen_before = {part: _snapshot(getattr(model, part)) for part in model._frozen_modules}
+    net_before = _snapshot(model.net)
+    bare_trainer(3).fit(model, datamodule=_digits())
+    after = model.net.state_dict()
+    changed = {key for key, value in net_before.items() if not torch.equal(value, after[key])}
+    adapters = {key for key in after if "lora_" in key}
+    assert changed and changed <= adapters  # some adapters moved (B starts at zero, so A may wait a step)
+    assert any("lora_B" in key for key in changed)
+    for part, before in frozen_before.items():
+        assert all(torch.equal(value, getattr(model, part).state_dict()[key]) for key, value in before.items()), part
+
+
+def test_the_lora_export_reloads_with_load_lora_weights_and_reproduces_the_checkpoint(tiny, tmp_path):
+    name, folder = tiny
+    model = _model(folder, lora_rank=4, lora_alpha=16)  # alpha / rank = 4: lost if the file dropped alpha
+    trainer = bare_trainer(2)
+    trainer.fit(model, datamodule=_digits())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    family = family_named(name)
+    parts = family.parts_from_checkpoint(read_checkpoint(tmp_path / "last.ckpt"))
+    exported = model.save_pipeline(tmp_path / "lora")
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    pipeline.load_lora_weights(exported)
+    inputs = _inputs(model)
+    from_checkpoint = _denoised(parts.net, family, inputs)
+    reloaded = _denoised(pipeline.transformer, family, inputs)
+    torch.testing.assert_close(reloaded, from_checkpoint, rtol=1e-4, atol=1e-6)
+    base = _denoised(DiffusionPipeline.from_pretrained(folder).transformer, family, inputs)
+    assert (reloaded - base).abs().max() > 1e-4  # the adapters are applied, not dropped
+
+    # the kohya file: lora_transformer_* keys, the trained alpha, and back to the same weights
+    family.save_kohya(parts, tmp_path / "lora")
+    kohya = load_file(str(tmp_path / "lora" / KOHYA_FILE))
+    assert all(key.startswith("lora_transformer_") for key in kohya)
+    assert {float(value) for key, value in kohya.items() if key.endswith(".alpha")} == {16.0}
+    back = from_kohya(kohya, parts.net)
+    ours = lora_state_dict(parts.net)
+    assert back.keys() == ours.keys() and all(torch.equal(back[key], ours[key]) for key in ours)
+
+
+def test_a_unet_kohya_file_loads_in_diffusers_and_applies_the_trained_adapter(tiny_sd, tmp_path):
+    """SD's `lora_unet_*` file goes through diffusers' own kohya converter: the UNet output equals ours."""
+    model = _model(tiny_sd, objective=None, lora_rank=4, lora_alpha=8)
+    bare_trainer(2).fit(model, datamodule=_digits())
+    parts = model.parts()
+    model.family.save_kohya(parts, tmp_path)
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipeline.load_lora_weights(str(tmp_path), weight_name=KOHYA_FILE)
+    x_t, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    context = model.encoder.encode_prompts([PROMPT], "cpu").hidden
+    with torch.no_grad():
+        ours = model.net(x_t, t, encoder_hidden_states=context).sample
+        theirs = pipeline.unet(x_t, t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-6)
+
+
+def test_a_full_fine_tune_exports_a_stock_pipeline_whose_samples_equal_the_training_grid(tiny, tmp_path):
+    name, folder = tiny
+    model = _model(folder)
+    before = _snapshot(model.net)
+    bare_trainer(2).fit(model, datamodule=_digits())
+    assert any(not torch.equal(value, model.net.state_dict()[key]) for key, value in before.items())
+    exported = model.save_pipeline(tmp_path / "pipeline")
+    pipeline = DiffusionPipeline.from_pretrained(exported)
+    assert type(pipeline).__name__ in model.family.pipeline_classes
+    assert all(torch.equal(a, b) for a, b in zip(pipeline.transformer.parameters(), model.net.parameters(), strict=True))
+    settings = SampleSettings(num_inference_steps=3, guidance_scale=2.0, height=32, width=32)
+    grid = model.sampler().generate([5, 6], settings, prompts=[PROMPT, PROMPT])
+    sampler, _ = load_sampler(pretrained=str(exported))
+    torch.testing.assert_close(sampler.generate([5, 6], settings, prompts=[PROMPT, PROMPT]), grid, atol=1e-5, rtol=0)
+
+
+def test_flow_targets_and_noise_levels_stay_in_range(tiny_sd3):
+    model = _model(tiny_sd3)
+    objective = model.objective
+    x0 = torch.randn(64, 16, 16, 16)
+    keys = list(range(64))
+    times, noise = objective.draws(x0, keys)
+    assert times.min() >= 0 and times.max() <= 1
+    assert torch.equal(objective.target(x0, noise, times), noise - x0)
+    # a network that predicts nothing is charged exactly the velocity's square
+    zero = lambda x_t, t, **kwargs: type("Out", (), {"sample": torch.zeros_like(x_t)})  # noqa: E731
+    torch.testing.assert_close(objective.loss(zero, x0, keys), ((noise - x0) ** 2).mean())
+
+
+def test_flux_shifts_training_noise_with_resolution_exactly_as_its_pipeline_samples(tiny_flux):
+    model = _model(tiny_flux)
+    objective, config = model.objective, model.objective.noise_scheduler.config
+    keys = list(range(256))
+    for side in (16, 64, 128):  # 64, 1,024 and 4,096 image tokens in 2x2 patches
+        tokens = (side // 2) ** 2
+        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                             config.max_shift)  # fmt: skip
+        assert objective.shift_for((16, side, side)) == pytest.approx(np.exp(mu))
+        fractions = objective.timesteps.fractions(keys, (16, side, side), "cpu")
+        drawn = objective.draw_times(keys, (16, side, side), "cpu")
+        torch.testing.assert_close(drawn, shift_noise_level(fractions, np.exp(mu)))
+        assert drawn.min() >= 0 and drawn.max() <= 1
+        # the pipeline's sampler on the same latent size: the same map from uniform levels to sigmas
+        scheduler = model.family.sampling_scheduler(model.parts())
+        levels = np.linspace(1.0, 1 / 20, 20)
+        scheduler.set_timesteps(sigmas=levels, mu=mu)
+        expected = shift_noise_level(torch.tensor(levels, dtype=torch.float32), float(np.exp(mu)))
+        torch.testing.assert_close(scheduler.sigmas[:-1], expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ConfigError, match="unipc"):
+        scheduler_from_name("unipc", config)
+
+
+def test_a_cached_run_equals_an_uncached_one_and_never_loads_a_text_encoder(tiny, tmp_path, monkeypatch):
+    name, folder = tiny
+    uncached = _model(folder)
+    torch.manual_seed(0)
+    bare_trainer(3).fit(uncached, datamodule=_digits())
+
+    def cached_run():
+        data = LatentCacheDataModule(
+            _digits(), encoder=LatentEncoder(str(folder), text_encoder_dtype="float32"),
+            cache_dir=str(tmp_path / "latents"),
+        )  # fmt: skip
+        model = _model(folder, prompt_cache=str(tmp_path / "prompts"), text_encoder_dtype="float32")
+        torch.manual_seed(0)
+        bare_trainer(3).fit(model, datamodule=data)
+        return model
+
+    cached_run()  # the first run fills both caches
+    family, loaded = family_named(name), []
+    original = type(family).load_frozen
+    monkeypatch.setattr(type(family), "load_frozen",
+                        lambda self, *args, **kwargs: loaded.append(args[3:4] or kwargs.get("components")) or
+                        original(self, *args, **kwargs))  # fmt: skip
+    rerun = cached_run()
+    assert loaded and all(components in (("vae",), "vae") for components in loaded), loaded
+    assert not rerun.encoder.text_loaded and not any("text_encoder" in part for part in rerun._frozen_modules)
+    for key, value in uncached.net.state_dict().items():
+        torch.testing.assert_close(rerun.net.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_sd3_trains_and_samples_without_t5_and_flux_refuses_to(tiny_sd3, tiny_flux, tmp_path):
+    model = _model(tiny_sd3, use_t5=False)
+    assert "text_encoder_3" not in model._frozen_modules
+    assert model.encoder.encode_prompts([PROMPT], "cpu").hidden[0, 77:].abs().max() == 0  # zeros in T5's place
+    bare_trainer(2).fit(model, datamodule=_digits())
+    settings = SampleSettings(num_inference_steps=2, guidance_scale=2.0, height=32, width=32)
+    grid = model.sampler().generate([0], settings, prompts=[PROMPT])
+    folder = model.save_pipeline(tmp_path / "pipeline")  # T5 null in its index: diffusers loads it when told so
+    exported = DiffusionPipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert exported.text_encoder_3 is None and torch.isfinite(grid).all()
+    sampler, _ = load_sampler(pretrained=str(tmp_path / "pipeline"))
+    torch.testing.assert_close(sampler.generate([0], settings, prompts=[PROMPT]), grid, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="use_t5"):
+        _model(tiny_flux, use_t5=False)
+
+
+def test_settings_that_do_not_fit_the_family_are_refused_with_the_key(tiny_sd, tiny_sd3, tiny_flux):
+    with pytest.raises(ConfigError, match="model.max_sequence_length"):
+        _model(tiny_sd, max_sequence_length=77)
+    with pytest.raises(ConfigError, match="model.training_guidance"):
+        _model(tiny_sd3, training_guidance=3.5)
+    with pytest.raises(ConfigError, match="model.attention=eager"):
+        _model(tiny_sd3, attention="eager")
+    with pytest.raises(ConfigError, match="between 1 and 256"):
+        _model(tiny_sd3, max_sequence_length=300)
+    with pytest.raises(ConfigError, match="use_dynamic_shifting=false"):  # Flux's shift follows resolution
+        _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0))
+    _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0),
+           noise_scheduler={"use_dynamic_shifting": False})  # fmt: skip

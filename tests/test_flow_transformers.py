@@ -87,7 +87,9 @@ def test_the_lora_export_reloads_with_load_lora_weights_and_reproduces_the_check
     trainer.fit(model, datamodule=_digits())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     family = family_named(name)
-    parts = family.parts_from_checkpoint(read_checkpoint(tmp_path / "last.ckpt"))
+    checkpoint = read_checkpoint(tmp_path / "last.ckpt")
+    assert all("lora_" in key for key in checkpoint["state_dict"])  # no frozen weight, no tied alias of one
+    parts = family.parts_from_checkpoint(checkpoint)
     exported = model.save_pipeline(tmp_path / "lora")
     pipeline = DiffusionPipeline.from_pretrained(folder)
     pipeline.load_lora_weights(exported)
@@ -234,3 +236,42 @@ def test_settings_that_do_not_fit_the_family_are_refused_with_the_key(tiny_sd, t
         _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0))
     _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0),
            noise_scheduler={"use_dynamic_shifting": False})  # fmt: skip
+
+
+def test_qlora_on_an_int8_base_trains_float32_adapters_and_exports_them_for_the_full_precision_base(
+    tiny_flux, tmp_path
+):
+    """model.quantize=int8 (torchao, which runs on a CPU): the base stays quantised and unchanged, only the
+    adapters train, in float32; the checkpoint holds the adapters alone and they load on the unquantised base."""
+    pytest.importorskip("torchao")
+    model = _model(tiny_flux, lora_rank=4, lora_alpha=4, quantize="int8")
+    layer = model.net.transformer_blocks[0].attn.to_q
+    assert type(layer.base_layer.weight).__name__ == "Int8Tensor"
+    trainable = {name: p for name, p in model.net.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and p.dtype == torch.float32 for name, p in trainable.items())
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    trainer = bare_trainer(2)
+    trainer.fit(model, datamodule=_digits())
+    assert any(not torch.equal(before[name], p) for name, p in trainable.items())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = read_checkpoint(tmp_path / "last.ckpt")["state_dict"]
+    assert saved and all("lora_" in key for key in saved)
+    pipeline = DiffusionPipeline.from_pretrained(tiny_flux)
+    pipeline.load_lora_weights(model.save_pipeline(tmp_path / "lora"))
+    inputs = _inputs(model)
+    full_base = _denoised(pipeline.transformer, model.family, inputs)
+    x_t, t = inputs["args"]
+    quantised = _denoised(model.net, model.family, {**inputs, "args": (x_t.to(torch.bfloat16), t)})
+    assert (full_base - quantised.float()).abs().mean() < 0.05 * full_base.abs().mean()  # int8 rounding only
+
+
+def test_quantisation_is_refused_where_it_cannot_apply(tiny_sd, tiny_flux):
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        _model(tiny_flux, quantize="int8")  # a full fine-tune cannot step quantised weights
+    with pytest.raises(ConfigError, match="choose one of"):
+        _model(tiny_flux, lora_rank=4, quantize="fp4")
+    with pytest.raises(ConfigError, match="transformer families"):
+        _model(tiny_sd, lora_rank=4, quantize="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            _model(tiny_flux, lora_rank=4, quantize="nf4")

@@ -34,6 +34,11 @@ def add_lora(
             target_modules=list(target_modules),
         )
     )
+    # Adapters on a bf16 base (a quantised one computes in bf16) are made in bf16, where an update of lr 1e-4
+    # rounds away: they train in float32, as diffusers' scripts do (`cast_training_params`).
+    for parameter in net.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
 
 
 def lora_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -69,10 +69,14 @@ class StableDiffusion(Family):
         return load_text_and_vae(pretrained, revision, vae, components)
 
     def load_parts(
-        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
-    ) -> ModelParts:
+        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all",
+        quantize: str | None = None, **text,
+    ) -> ModelParts:  # fmt: skip
         """The trainable network, its scheduler and the frozen `components` (all, or vae only: see `load_frozen`)."""
         self.text_options(**text)
+        if quantize:
+            raise ConfigError(f"model.quantize applies to the transformer families (sd3, flux); {self.name}'s UNet "
+                              "fits in bf16: leave it null")  # fmt: skip
         return load_parts(pretrained, revision, vae, components)
 
     def prepare_network(self, net: torch.nn.Module, attention: str) -> None:

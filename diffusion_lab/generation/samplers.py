@@ -171,7 +171,8 @@ class TextToImageSampler:
         return self.net.device
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextToImageSampler":
-        if dtype is None or dtype == self.net.dtype:
+        # a quantised base (QLoRA) computes in the dtype it was loaded with, which diffusers will not change
+        if dtype is None or dtype == self.net.dtype or getattr(self.net, "is_quantized", False):
             self.pipeline.to(device)
         else:
             self.pipeline.to(device, dtype)

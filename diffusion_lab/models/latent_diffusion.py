@@ -20,6 +20,7 @@ from diffusion_lab.families import LatentEncoder, ModelParts, family_of_pipeline
 from diffusion_lab.families.checkpoints import current_key, describe_components
 from diffusion_lab.families.lora import add_lora
 from diffusion_lab.families.prompt_cache import PromptCache
+from diffusion_lab.families.quantization import check_quantize
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.sd_parts import pipeline_index
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
@@ -88,7 +89,9 @@ class LatentDiffusion(DiffusionModel):
         training_guidance: float | None = None,
         prompt_cache: str | None = None,
         text_encoder_dtype: str | None = None,
+        quantize: str | None = None,
     ) -> None:
+        check_quantize(quantize, lora_rank)
         family = family_of_pipeline(
             pipeline_index(pretrained, revision), where=f"model.pretrained={pretrained}"
         )
@@ -100,7 +103,7 @@ class LatentDiffusion(DiffusionModel):
         text = {"max_sequence_length": max_sequence_length, "use_t5": use_t5}
         # With a prompt cache the text encoders load only to fill it (`prepare_data`), never with the model.
         components = "vae" if prompt_cache else "all"
-        parts: ModelParts = family.load_parts(pretrained, revision, vae, components, **text)
+        parts: ModelParts = family.load_parts(pretrained, revision, vae, components, quantize=quantize, **text)
         scheduler = training_scheduler(parts.noise_scheduler, noise_scheduler)
         super().__init__(scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels)
         changed = (
@@ -225,7 +228,10 @@ class LatentDiffusion(DiffusionModel):
 
     # ---- checkpoints: the trainable weights only ----------------------------------------------------
     def _frozen_names(self) -> set[str]:
-        return {name for name, parameter in self.named_parameters() if not parameter.requires_grad}
+        """Every state-dict key but the trainable weights': frozen parameters, buffers, and the aliases of tied
+        weights (T5's `encoder.embed_tokens` is its `shared`), which `named_parameters` lists once."""
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        return {key for key in self.state_dict() if key not in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen weights are the pretrained ones: reloaded from `pretrained`, not copied into every

@@ -10,11 +10,17 @@ class NonFiniteWeights(ValueError):
 
 
 def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of floating-point tensors holding NaN or infinity. Quantised weights (a QLoRA base: torchao /
+    bitsandbytes tensor subclasses) are frozen as loaded and have no elementwise ops to check: skipped."""
     return [
         name
         for name, tensor in named_tensors
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        if _plain(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()
     ]
+
+
+def _plain(tensor) -> bool:
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
 
 
 def require_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:

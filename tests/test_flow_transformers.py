@@ -242,7 +242,9 @@ def test_qlora_on_an_int8_base_trains_float32_adapters_and_exports_them_for_the_
     tiny_flux, tmp_path
 ):
     """model.quantize=int8 (torchao, which runs on a CPU): the base stays quantised and unchanged, only the
-    adapters train, in float32; the checkpoint holds the adapters alone and they load on the unquantised base."""
+    adapters train, in float32; the checkpoint holds the adapters alone and they load on the unquantised base.
+    torchao is the `quant` extra, not `dev` (importing it makes diffusers print warnings on every command):
+    `pip install -e '.[dev,quant]'` runs this test."""
     pytest.importorskip("torchao")
     model = _model(tiny_flux, lora_rank=4, lora_alpha=4, quantize="int8")
     layer = model.net.transformer_blocks[0].attn.to_q

@@ -8,5 +8,5 @@ from diffusion_lab.families.export import export_checkpoint
 
 
 def export(cfg: DictConfig) -> None:
-    result = export_checkpoint(cfg.ckpt_path, cfg.out_dir, use_ema=cfg.use_ema)
+    result = export_checkpoint(cfg.ckpt_path, cfg.out_dir, use_ema=cfg.use_ema, format=cfg.format)
     print(json.dumps(result))

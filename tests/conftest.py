@@ -140,3 +140,11 @@ def tiny_flux(tmp_path_factory):
     from diffusion_lab.families.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny_flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image(tmp_path_factory):
+    """A tiny random Z-Image folder (single-stream DiT, Qwen3 text encoder with a chat template; 32 px images)."""
+    from diffusion_lab.families.tiny import build_tiny_z_image
+
+    return build_tiny_z_image(tmp_path_factory.mktemp("z_image") / "tiny_z_image")

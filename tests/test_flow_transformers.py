@@ -28,7 +28,7 @@ CAPTION = "a handwritten digit {label}"
 PROMPT = "a handwritten digit 3"
 
 
-@pytest.fixture(params=["sd3", "flux"])
+@pytest.fixture(params=["sd3", "flux", "z_image"])
 def tiny(request):
     """(family name, its tiny checkpoint folder)."""
     return request.param, request.getfixturevalue(f"tiny_{request.param}")
@@ -100,14 +100,18 @@ def test_the_lora_export_reloads_with_load_lora_weights_and_reproduces_the_check
     base = _denoised(DiffusionPipeline.from_pretrained(folder).transformer, family, inputs)
     assert (reloaded - base).abs().max() > 1e-4  # the adapters are applied, not dropped
 
-    # the kohya file: lora_transformer_* keys, the trained alpha, and back to the same weights
+    # the kohya file: the family's prefix, the trained alpha, and back to the same weights
     family.save_kohya(parts, tmp_path / "lora")
     kohya = load_file(str(tmp_path / "lora" / KOHYA_FILE))
-    assert all(key.startswith("lora_transformer_") for key in kohya)
+    assert all(key.startswith(family.kohya_prefix + "_") for key in kohya)
     assert {float(value) for key, value in kohya.items() if key.endswith(".alpha")} == {16.0}
     back = from_kohya(kohya, parts.net)
     ours = lora_state_dict(parts.net)
     assert back.keys() == ours.keys() and all(torch.equal(back[key], ours[key]) for key in ours)
+    if name == "z_image":  # diffusers' own converter reads Z-Image's kohya naming: the same adapter applied
+        pipeline = DiffusionPipeline.from_pretrained(folder)
+        pipeline.load_lora_weights(str(tmp_path / "lora"), weight_name=KOHYA_FILE)
+        torch.testing.assert_close(_denoised(pipeline.transformer, family, inputs), from_checkpoint, rtol=1e-4, atol=1e-6)
 
 
 def test_a_unet_kohya_file_loads_in_diffusers_and_applies_the_trained_adapter(tiny_sd, tmp_path):

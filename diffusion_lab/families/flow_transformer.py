@@ -33,6 +33,7 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
     default_max_sequence_length: ClassVar[int]  # the pipeline's own `max_sequence_length` default
     t5_optional: ClassVar[bool] = False  # SD3 was trained to work without its T5 (arXiv:2403.03206 section 5.3.2)
     denoiser_name = "transformer"
+    kohya_prefix = "lora_transformer"
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         return False  # every checkpoint of these families names its family
@@ -172,4 +173,4 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         return super().save_pipeline(parts, folder)
 
     def save_kohya(self, parts: ModelParts, folder: Path) -> Path:
-        return save_kohya(parts.net, folder, component="transformer")
+        return save_kohya(parts.net, folder, self.kohya_prefix)

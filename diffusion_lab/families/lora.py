@@ -75,12 +75,13 @@ def save_lora(
     return Path(out_dir)
 
 
-def kohya_state_dict(net: torch.nn.Module, component: str = "unet") -> dict[str, torch.Tensor]:
-    """The adapters as kohya names them, through diffusers' `convert_state_dict_to_kohya`: `lora_unet_<path>`
-    (a UNet) or `lora_transformer_<path>` (SD3, Flux: the prefix ComfyUI and OneTrainer use for diffusers-layout
-    transformers), dots in the module path as underscores, `.lora_down.weight` / `.lora_up.weight` and an `.alpha`
-    per module. diffusers writes alpha = rank; the adapter's own `lora_alpha` replaces it, so the file applies
-    the scale that was trained."""
+def kohya_state_dict(net: torch.nn.Module, prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """The adapters as kohya names them, through diffusers' `convert_state_dict_to_kohya`: `<prefix>_<path>`, dots
+    in the module path as underscores, `.lora_down.weight` / `.lora_up.weight` and an `.alpha` per module. The
+    prefix is the family's: `lora_unet` (SD, SDXL; and Z-Image, as musubi-tuner and diffusers' converter name it)
+    or `lora_transformer` (SD3, Flux: what ComfyUI maps for diffusers-layout transformers, OneTrainer's naming).
+    diffusers writes alpha = rank; the adapter's own `lora_alpha` replaces it, so the file applies the scale that
+    was trained."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     config = net.peft_config["default"]
@@ -88,8 +89,7 @@ def kohya_state_dict(net: torch.nn.Module, component: str = "unet") -> dict[str,
     converted = convert_state_dict_to_kohya(prefixed)
     out = {}
     for key, value in converted.items():
-        if component != "unet":
-            key = key.replace("lora_unet_", f"lora_{component}_", 1)
+        key = key.replace("lora_unet_", f"{prefix}_", 1)
         if key.endswith(".alpha"):
             module = key[: -len(".alpha")].split("_", 2)[2]
             value = torch.tensor(float(_alpha_of(config, module)))
@@ -124,13 +124,13 @@ def from_kohya(state_dict: dict[str, torch.Tensor], net: torch.nn.Module) -> dic
     return out
 
 
-def save_kohya(net: torch.nn.Module, out_dir: str | Path, component: str = "unet") -> Path:
+def save_kohya(net: torch.nn.Module, out_dir: str | Path, prefix: str = "lora_unet") -> Path:
     """`lora_kohya.safetensors` beside the diffusers-format file, with the rank and alpha in its metadata."""
     from safetensors.torch import save_file
 
     config = net.peft_config["default"]
     path = Path(out_dir) / KOHYA_FILE
-    save_file(kohya_state_dict(net, component), str(path),
+    save_file(kohya_state_dict(net, prefix), str(path),
               metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
                         "ss_network_alpha": str(config.lora_alpha), "format": "pt"})  # fmt: skip
     return path

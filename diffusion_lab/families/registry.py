@@ -60,4 +60,4 @@ def family_of_pipeline(index: dict, where: str = "the pipeline") -> Family:
 
 def _load_builtin() -> None:
     """Import the built-in family modules (each registers itself) on first use."""
-    from diffusion_lab.families import dit, dit_latent, flux, pixel, sd3, stable_diffusion  # noqa: F401
+    from diffusion_lab.families import dit, dit_latent, flux, pixel, sd3, stable_diffusion, z_image  # noqa: F401

@@ -39,6 +39,7 @@ class StableDiffusion(Family):
     tiny_overrides = ("experiment=sd_finetune_tiny", "~callbacks.sample_quality", "~latent_cache")
     two_encoders = False
     denoiser_name = "unet"  # the trained network's name in the pipeline (and in LoRA files)
+    kohya_prefix = "lora_unet"  # the key prefix of its single-file kohya LoRA (`lora.kohya_state_dict`)
     default_training_guidance: float | None = None  # a guidance-distilled model's (Flux dev) training guidance
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
@@ -186,7 +187,7 @@ class StableDiffusion(Family):
 
     def save_kohya(self, parts: ModelParts, folder: Path) -> Path:
         """The LoRA also as one kohya-format file (`lora_unet_*`), for ComfyUI, A1111 / Forge and kohya."""
-        return save_kohya(parts.net, folder, component="unet")
+        return save_kohya(parts.net, folder, self.kohya_prefix)
 
     def evaluation_source(self, parts: ModelParts, folder: str | Path) -> dict:
         if parts.has_lora:

@@ -342,3 +342,60 @@ def build_tiny_flux(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -
         text_encoder_2=_tiny_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
     )  # fmt: skip
     return write_folder(Path(out_dir), pipeline.save_pretrained)
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_qwen_tokenizer(directory: Path):
+    """A Qwen2 byte-level BPE tokenizer over the byte alphabet and WORDS (with Qwen's leading-space pieces), its
+    chat markers as special tokens and a ChatML template, as Qwen3's."""
+    from transformers import Qwen2Tokenizer
+
+    alphabet = _byte_alphabet()
+    vocab_tokens, merges = list(alphabet), []
+    space = alphabet[ord(" ")]  # "Ġ"
+    for word in WORDS:
+        for piece in (word, space + word):
+            symbols = list(piece)
+            while len(symbols) > 1:
+                merges.append((symbols[0], symbols[1]))
+                symbols = [symbols[0] + symbols[1], *symbols[2:]]
+                vocab_tokens.append(symbols[0])
+    vocab = {}
+    for token in vocab_tokens:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_z_image(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """Z-Image's layout (Tongyi-MAI, 2025): `transformer/` (a single-stream DiT over image and caption tokens,
+    caption refiner layers, 3-axis rotary embeddings), Qwen3 as `text_encoder/` (its second-to-last hidden states,
+    prompt in Qwen's chat template) with its tokenizer, Flux's 16-channel VAE and FlowMatchEuler with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocabulary:
+        tokenizer = write_tiny_qwen_tokenizer(Path(vocabulary))
+    text_encoder = Qwen3Model(
+        Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                    pad_token_id=tokenizer.pad_token_id)
+    )  # fmt: skip
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )  # fmt: skip
+    pipeline = ZImagePipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(sample_size, 0.3611, 0.1159), text_encoder=text_encoder, tokenizer=tokenizer,
+    )  # fmt: skip
+    return write_folder(Path(out_dir), pipeline.save_pretrained)

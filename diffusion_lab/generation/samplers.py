@@ -194,9 +194,11 @@ class TextToImageSampler:
             raise ValueError(f"{type(self.pipeline).__name__} takes no max_sequence_length (it has no T5)")
         return {key: value for key, value in options.items() if key in accepted}
 
-    def native_size(self) -> tuple[int, int]:
-        """The output size in pixels the pipeline defaults to."""
-        native = getattr(self.net.config, "sample_size", None) or self.pipeline.default_sample_size
+    def native_size(self) -> tuple[int | None, int | None]:
+        """The output size in pixels the pipeline defaults to (None: it decides each side itself, as Z-Image's)."""
+        native = getattr(self.net.config, "sample_size", None) or getattr(self.pipeline, "default_sample_size", None)
+        if native is None:
+            return None, None
         height, width = (native, native) if isinstance(native, int) else native
         return height * self.pipeline.vae_scale_factor, width * self.pipeline.vae_scale_factor
 

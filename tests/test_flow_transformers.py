@@ -281,3 +281,29 @@ def test_quantisation_is_refused_where_it_cannot_apply(tiny_sd, tiny_flux):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             _model(tiny_flux, lora_rank=4, quantize="nf4")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_bucketed_latents_from_the_cache_train_and_the_model_draws_at_a_bucket_size(name, request, tmp_path):
+    """Mixed aspect ratios in buckets of about 32^2 px (32x32, 40x24, 24x40), cached as for SDXL: every batch is
+    one bucket; Flux's shift follows each bucket's token count."""
+    from diffusion_lab.data import ImageDataModule
+    from tests import builders
+
+    folder = request.getfixturevalue(f"tiny_{name}")
+    root = builders.write_mixed_aspect_folder(tmp_path / "images")
+    images = ImageDataModule(
+        path=str(root), streaming=False, label_column="label", caption_template="a photo of a {label} flower",
+        image_size=32, bucket_step=8, buckets=True, batch_size=4, num_workers=0, val_size=2,
+    )  # fmt: skip
+    data = LatentCacheDataModule(images, encoder=LatentEncoder(str(folder), text_encoder_dtype="float32"),
+                                 cache_dir=str(tmp_path / "latents"))  # fmt: skip
+    model = _model(folder, lora_rank=4, prompt_cache=str(tmp_path / "prompts"))
+    shapes = []
+    original = model.clean_inputs
+    model.clean_inputs = lambda batch, keys: shapes.append(tuple(batch["latent_mean"].shape[-2:])) or original(batch, keys)
+    trainer = bare_trainer(6)
+    trainer.fit(model, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and len(set(shapes)) > 1, shapes
+    settings = SampleSettings(num_inference_steps=2, guidance_scale=2.0, height=24, width=40)
+    assert model.sampler().generate([0], settings, prompts=["a photo of a rose flower"]).shape == (1, 3, 24, 40)

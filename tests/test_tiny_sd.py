@@ -79,3 +79,35 @@ def test_tiny_sdxl_has_the_sdxl_layout_and_generates_at_a_non_square_size(tmp_pa
     image = pipeline("a red flower", negative_prompt="blue", num_inference_steps=2, height=32, width=48,
                      output_type="pt", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert image.shape == (1, 3, 32, 48) and torch.isfinite(image).all()
+
+
+def test_tiny_transformer_families_build_offline_with_their_own_tokenizers_and_stock_diffusers_runs_them(
+    tmp_path, capsys
+):
+    """`tiny-sd variant=sd3|flux|z_image`: each folder's tokenizers were written here (T5's unigram, Qwen's BPE with
+    its chat template), reload as the hub's do, and the stock pipeline generates with the prompt mattering."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from diffusion_lab.commands.tiny_sd import tiny_sd
+
+    expected = {"sd3": ("StableDiffusion3Pipeline", "tokenizer_3"), "flux": ("FluxPipeline", "tokenizer_2"),
+                "z_image": ("ZImagePipeline", "tokenizer")}  # fmt: skip
+    for variant, (pipeline_class, tokenizer_folder) in expected.items():
+        path = tmp_path / variant
+        tiny_sd(OmegaConf.create({"out_dir": str(path), "variant": variant, "sample_size": 32, "seed": 0}))
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["variant"] == variant
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=tokenizer_folder)
+        ids = tokenizer("a handwritten digit seven").input_ids
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a handwritten digit seven"
+        pipeline = DiffusionPipeline.from_pretrained(path)
+        assert type(pipeline).__name__ == pipeline_class and "transformer" in pipeline.components
+        pipeline.set_progress_bar_config(disable=True)
+
+        def generate(prompt, pipeline=pipeline):
+            return pipeline(prompt, num_inference_steps=2, height=32, width=32, output_type="pt",
+                            generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+        first = generate("a red flower")
+        assert first.shape == (1, 3, 32, 32) and torch.equal(first, generate("a red flower"))
+        assert not torch.equal(first, generate("a blue flower"))

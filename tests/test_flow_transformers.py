@@ -271,6 +271,20 @@ def test_qlora_on_an_int8_base_trains_float32_adapters_and_exports_them_for_the_
     assert (full_base - quantised.float()).abs().mean() < 0.05 * full_base.abs().mean()  # int8 rounding only
 
 
+def test_a_bf16_base_trains_float32_adapters_and_keeps_its_weights(tiny_sd3):
+    """model.base_dtype=bfloat16: the frozen base at half fp32's memory, the adapters in float32, and the base's
+    bf16 weights bit-identical after training."""
+    model = _model(tiny_sd3, lora_rank=4, base_dtype="bfloat16")
+    base = {name: p.detach().clone() for name, p in model.net.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in base.values()} == {torch.bfloat16}
+    trainable = {name: p for name, p in model.net.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    bare_trainer(2).fit(model, datamodule=_digits())
+    assert all(torch.equal(p, dict(model.net.named_parameters())[name]) for name, p in base.items())
+    assert any(not torch.equal(before[name], p) for name, p in trainable.items())
+
+
 def test_quantisation_is_refused_where_it_cannot_apply(tiny_sd, tiny_flux):
     with pytest.raises(ConfigError, match="model.lora_rank"):
         _model(tiny_flux, quantize="int8")  # a full fine-tune cannot step quantised weights
@@ -278,6 +292,10 @@ def test_quantisation_is_refused_where_it_cannot_apply(tiny_sd, tiny_flux):
         _model(tiny_flux, lora_rank=4, quantize="fp4")
     with pytest.raises(ConfigError, match="transformer families"):
         _model(tiny_sd, lora_rank=4, quantize="int8")
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        _model(tiny_flux, base_dtype="bfloat16")  # a full fine-tune keeps fp32 weights
+    with pytest.raises(ConfigError, match="base_dtype null"):
+        _model(tiny_flux, lora_rank=4, quantize="int8", base_dtype="bfloat16")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             _model(tiny_flux, lora_rank=4, quantize="nf4")

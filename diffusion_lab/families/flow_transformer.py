@@ -18,7 +18,7 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.base import ModelParts
 from diffusion_lab.families.lora import add_lora, save_kohya, save_lora
 from diffusion_lab.families.prompts import PipelinePromptEncoder, PromptEmbeddings
-from diffusion_lab.families.quantization import COMPUTE_DTYPE, quantization_config
+from diffusion_lab.families.quantization import base_loading
 from diffusion_lab.families.sd_parts import decode_in_own_dtype, load_vae
 from diffusion_lab.families.stable_diffusion import StableDiffusion
 from diffusion_lab.generation.samplers import TextToImageSampler
@@ -104,19 +104,18 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
     # ---- parts ------------------------------------------------------------------------------------------
     def load_parts(
         self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all",
-        quantize: str | None = None, **text,
+        quantize: str | None = None, base_dtype: str | None = None, **text,
     ) -> ModelParts:  # fmt: skip
-        """The transformer (with `quantize`, stored in nf4 / int8 and computing in bf16: `families.quantization`),
-        its scheduler and the frozen `components`."""
+        """The transformer (with `quantize`, stored in nf4 / int8 and computing in bf16, or in `base_dtype`:
+        `families.quantization`), its scheduler and the frozen `components`."""
         import diffusers
 
         source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
         frozen = self.load_frozen(pretrained, revision, vae, components, **text)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**source, subfolder="scheduler")
-        quantized = {}
-        if quantize:
-            quantized = {"quantization_config": quantization_config(quantize), "torch_dtype": COMPUTE_DTYPE}
-        net = getattr(diffusers, self.transformer_class).from_pretrained(**source, subfolder="transformer", **quantized)
+        net = getattr(diffusers, self.transformer_class).from_pretrained(
+            **source, subfolder="transformer", **base_loading(quantize, base_dtype)
+        )
         base = {"pretrained": pretrained, "revision": revision, "scheduler_config": dict(scheduler.config),
                 **self.text_options(**text)}  # fmt: skip
         return ModelParts(net, scheduler, frozen, base)
@@ -126,7 +125,8 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
         hyper = checkpoint["hyper_parameters"]
         parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"),
-                                quantize=hyper.get("quantize"), max_sequence_length=hyper.get("max_sequence_length"),
+                                quantize=hyper.get("quantize"), base_dtype=hyper.get("base_dtype"),
+                                max_sequence_length=hyper.get("max_sequence_length"),
                                 use_t5=hyper.get("use_t5", True))  # fmt: skip
         parts.noise_scheduler = trained_scheduler(checkpoint) or parts.noise_scheduler
         if hyper.get("lora_rank"):

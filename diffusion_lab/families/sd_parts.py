@@ -88,8 +88,9 @@ def zeros_for_empty_prompt(index: dict) -> bool:
 
 
 def load_parts(
-    pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all"
-) -> ModelParts:
+    pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all",
+    base_dtype: str | None = None,
+) -> ModelParts:  # fmt: skip
     """The UNet, the training noise schedule as a DDPMScheduler (SDXL ships an Euler sampler config on the
     same betas: diffusers' SDXL training scripts read it the same way) and the frozen parts."""
     source = {"pretrained_model_name_or_path": pretrained, "revision": revision}
@@ -97,7 +98,8 @@ def load_parts(
     scheduler = DDPMScheduler.from_pretrained(**source, subfolder="scheduler")
     base = {"pretrained": pretrained, "revision": revision, "scheduler_config": dict(scheduler.config),
             "zeros_for_empty_prompt": zeros_for_empty_prompt(pipeline_index(pretrained, revision))}  # fmt: skip
-    unet = UNet2DConditionModel.from_pretrained(**source, subfolder="unet")
+    dtype = {"torch_dtype": getattr(torch, base_dtype)} if base_dtype else {}
+    unet = UNet2DConditionModel.from_pretrained(**source, subfolder="unet", **dtype)
     return ModelParts(unet, scheduler, frozen, base)
 
 

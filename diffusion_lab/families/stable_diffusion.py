@@ -71,14 +71,15 @@ class StableDiffusion(Family):
 
     def load_parts(
         self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all",
-        quantize: str | None = None, **text,
+        quantize: str | None = None, base_dtype: str | None = None, **text,
     ) -> ModelParts:  # fmt: skip
-        """The trainable network, its scheduler and the frozen `components` (all, or vae only: see `load_frozen`)."""
+        """The trainable network (a LoRA's frozen base in `base_dtype`), its scheduler and the frozen `components`
+        (all, or vae only: see `load_frozen`)."""
         self.text_options(**text)
         if quantize:
-            raise ConfigError(f"model.quantize applies to the transformer families (sd3, flux); {self.name}'s UNet "
-                              "fits in bf16: leave it null")  # fmt: skip
-        return load_parts(pretrained, revision, vae, components)
+            raise ConfigError(f"model.quantize applies to the transformer families (sd3, flux, z_image); {self.name}'s "
+                              "UNet fits in bf16 (model.base_dtype=bfloat16): leave it null")  # fmt: skip
+        return load_parts(pretrained, revision, vae, components, base_dtype)
 
     def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
         """The UNet's attention kernel (`model.attention`)."""
@@ -93,7 +94,8 @@ class StableDiffusion(Family):
 
     def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
         hyper = checkpoint["hyper_parameters"]
-        parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"))
+        parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"),
+                                base_dtype=hyper.get("base_dtype"))  # fmt: skip
         trained = trained_scheduler(checkpoint)
         if trained is None and hyper.get("zero_terminal_snr"):  # written before objectives existed
             trained = with_zero_terminal_snr(parts.noise_scheduler)

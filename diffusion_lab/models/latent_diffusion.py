@@ -20,7 +20,7 @@ from diffusion_lab.families import LatentEncoder, ModelParts, family_of_pipeline
 from diffusion_lab.families.checkpoints import current_key, describe_components
 from diffusion_lab.families.lora import add_lora
 from diffusion_lab.families.prompt_cache import PromptCache
-from diffusion_lab.families.quantization import check_quantize
+from diffusion_lab.families.quantization import check_base_storage
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.sd_parts import pipeline_index
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
@@ -90,8 +90,9 @@ class LatentDiffusion(DiffusionModel):
         prompt_cache: str | None = None,
         text_encoder_dtype: str | None = None,
         quantize: str | None = None,
+        base_dtype: str | None = None,
     ) -> None:
-        check_quantize(quantize, lora_rank)
+        check_base_storage(quantize, base_dtype, lora_rank)
         family = family_of_pipeline(
             pipeline_index(pretrained, revision), where=f"model.pretrained={pretrained}"
         )
@@ -103,7 +104,9 @@ class LatentDiffusion(DiffusionModel):
         text = {"max_sequence_length": max_sequence_length, "use_t5": use_t5}
         # With a prompt cache the text encoders load only to fill it (`prepare_data`), never with the model.
         components = "vae" if prompt_cache else "all"
-        parts: ModelParts = family.load_parts(pretrained, revision, vae, components, quantize=quantize, **text)
+        parts: ModelParts = family.load_parts(
+            pretrained, revision, vae, components, quantize=quantize, base_dtype=base_dtype, **text
+        )
         scheduler = training_scheduler(parts.noise_scheduler, noise_scheduler)
         super().__init__(scheduler, objective, optimizer, lr, lr_scheduler, noise_seed, val_timestep_levels)
         changed = (

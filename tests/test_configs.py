@@ -40,7 +40,9 @@ def test_every_experiment_composes_and_builds_its_model(compose_config, experime
         if isinstance(cfg.model.pretrained, str):
             tiny = next((v for k, v in TINY_OF_HUB_ID.items() if k in cfg.model.pretrained), "tiny_sd")
             overrides = [f"model.pretrained={request.getfixturevalue(tiny)}"]
-            if cfg.model.get("quantize") == "nf4" and not torch.cuda.is_available():  # bitsandbytes needs CUDA
+            if (
+                cfg.model.get("quantize") == "nf4" and not torch.cuda.is_available()
+            ):  # bitsandbytes needs CUDA
                 overrides.append("model.quantize=null")
             cfg = compose_config(f"experiment={experiment}", *overrides)
         model = instantiate(cfg.model)

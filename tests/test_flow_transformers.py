@@ -66,8 +66,8 @@ def _inputs(model: LatentDiffusion) -> dict:
 
 def test_lora_trains_only_the_adapters_and_leaves_base_and_frozen_parts_bit_identical(tiny):
     name, folder = tiny
-    model = _model(folder, lora_rank=4, lora_alpha=8)
-    assert model.family.name == name
+    model = _model(folder, lora_rank=4, lora_alpha=8, gradient_checkpointing=True)  # adapters still get gradients
+    assert model.family.name == name and model.net.is_gradient_checkpointing
     frozen_before = {part: _snapshot(getattr(model, part)) for part in model._frozen_modules}
     net_before = _snapshot(model.net)
     bare_trainer(3).fit(model, datamodule=_digits())
@@ -77,7 +77,9 @@ def test_lora_trains_only_the_adapters_and_leaves_base_and_frozen_parts_bit_iden
     assert changed and changed <= adapters  # some adapters moved (B starts at zero, so A may wait a step)
     assert any("lora_B" in key for key in changed)
     for part, before in frozen_before.items():
-        assert all(torch.equal(value, getattr(model, part).state_dict()[key]) for key, value in before.items()), part
+        assert all(
+            torch.equal(value, getattr(model, part).state_dict()[key]) for key, value in before.items()
+        ), part
 
 
 def test_the_lora_export_reloads_with_load_lora_weights_and_reproduces_the_checkpoint(tiny, tmp_path):
@@ -111,7 +113,9 @@ def test_the_lora_export_reloads_with_load_lora_weights_and_reproduces_the_check
     if name == "z_image":  # diffusers' own converter reads Z-Image's kohya naming: the same adapter applied
         pipeline = DiffusionPipeline.from_pretrained(folder)
         pipeline.load_lora_weights(str(tmp_path / "lora"), weight_name=KOHYA_FILE)
-        torch.testing.assert_close(_denoised(pipeline.transformer, family, inputs), from_checkpoint, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            _denoised(pipeline.transformer, family, inputs), from_checkpoint, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_a_unet_kohya_file_loads_in_diffusers_and_applies_the_trained_adapter(tiny_sd, tmp_path):
@@ -139,11 +143,16 @@ def test_a_full_fine_tune_exports_a_stock_pipeline_whose_samples_equal_the_train
     exported = model.save_pipeline(tmp_path / "pipeline")
     pipeline = DiffusionPipeline.from_pretrained(exported)
     assert type(pipeline).__name__ in model.family.pipeline_classes
-    assert all(torch.equal(a, b) for a, b in zip(pipeline.transformer.parameters(), model.net.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pipeline.transformer.parameters(), model.net.parameters(), strict=True)
+    )
     settings = SampleSettings(num_inference_steps=3, guidance_scale=2.0, height=32, width=32)
     grid = model.sampler().generate([5, 6], settings, prompts=[PROMPT, PROMPT])
     sampler, _ = load_sampler(pretrained=str(exported))
-    torch.testing.assert_close(sampler.generate([5, 6], settings, prompts=[PROMPT, PROMPT]), grid, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        sampler.generate([5, 6], settings, prompts=[PROMPT, PROMPT]), grid, atol=1e-5, rtol=0
+    )
 
 
 def test_flow_targets_and_noise_levels_stay_in_range(tiny_sd3):
@@ -214,11 +223,15 @@ def test_a_cached_run_equals_an_uncached_one_and_never_loads_a_text_encoder(tiny
 def test_sd3_trains_and_samples_without_t5_and_flux_refuses_to(tiny_sd3, tiny_flux, tmp_path):
     model = _model(tiny_sd3, use_t5=False)
     assert "text_encoder_3" not in model._frozen_modules
-    assert model.encoder.encode_prompts([PROMPT], "cpu").hidden[0, 77:].abs().max() == 0  # zeros in T5's place
+    assert (
+        model.encoder.encode_prompts([PROMPT], "cpu").hidden[0, 77:].abs().max() == 0
+    )  # zeros in T5's place
     bare_trainer(2).fit(model, datamodule=_digits())
     settings = SampleSettings(num_inference_steps=2, guidance_scale=2.0, height=32, width=32)
     grid = model.sampler().generate([0], settings, prompts=[PROMPT])
-    folder = model.save_pipeline(tmp_path / "pipeline")  # T5 null in its index: diffusers loads it when told so
+    folder = model.save_pipeline(
+        tmp_path / "pipeline"
+    )  # T5 null in its index: diffusers loads it when told so
     exported = DiffusionPipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
     assert exported.text_encoder_3 is None and torch.isfinite(grid).all()
     sampler, _ = load_sampler(pretrained=str(tmp_path / "pipeline"))
@@ -319,9 +332,16 @@ def test_bucketed_latents_from_the_cache_train_and_the_model_draws_at_a_bucket_s
     model = _model(folder, lora_rank=4, prompt_cache=str(tmp_path / "prompts"))
     shapes = []
     original = model.clean_inputs
-    model.clean_inputs = lambda batch, keys: shapes.append(tuple(batch["latent_mean"].shape[-2:])) or original(batch, keys)
+    model.clean_inputs = lambda batch, keys: (
+        shapes.append(tuple(batch["latent_mean"].shape[-2:])) or original(batch, keys)
+    )
     trainer = bare_trainer(6)
     trainer.fit(model, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"]) and len(set(shapes)) > 1, shapes
     settings = SampleSettings(num_inference_steps=2, guidance_scale=2.0, height=24, width=40)
-    assert model.sampler().generate([0], settings, prompts=["a photo of a rose flower"]).shape == (1, 3, 24, 40)
+    assert model.sampler().generate([0], settings, prompts=["a photo of a rose flower"]).shape == (
+        1,
+        3,
+        24,
+        40,
+    )

@@ -10,7 +10,10 @@ so no text encoder or VAE is on the card, as in the run. Two optimizer steps; th
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def test_flux_dev_qlora_training_steps_peak_under_24_gib(tmp_path):

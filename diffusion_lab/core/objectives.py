@@ -224,7 +224,9 @@ class FlowMatching(Objective):
         if not config.get("use_dynamic_shifting"):
             return self.shift
         tokens = (shape[-2] // 2) * (shape[-1] // 2)
-        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        slope = (config.max_shift - config.base_shift) / (
+            config.max_image_seq_len - config.base_image_seq_len
+        )
         mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
         # diffusers' time_shift: exponential exp(mu) / (exp(mu) + 1/t - 1), linear mu / (mu + 1/t - 1)
         return mu if config.get("time_shift_type") == "linear" else math.exp(mu)

@@ -31,7 +31,9 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
     transformer_class: ClassVar[str]  # the diffusers class under `transformer/`
     default_max_sequence_length: ClassVar[int]  # the pipeline's own `max_sequence_length` default
-    t5_optional: ClassVar[bool] = False  # SD3 was trained to work without its T5 (arXiv:2403.03206 section 5.3.2)
+    t5_optional: ClassVar[bool] = (
+        False  # SD3 was trained to work without its T5 (arXiv:2403.03206 section 5.3.2)
+    )
     denoiser_name = "transformer"
     kohya_prefix = "lora_transformer"
 
@@ -48,7 +50,9 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
     def text_options(self, max_sequence_length: int | None = None, use_t5: bool = True) -> dict:
         """The prompt settings in force (null: the pipeline's default length), checked."""
         if not use_t5 and not self.t5_optional:
-            raise ConfigError(f"model.use_t5=false: the {self.name} family needs its T5 encoder (only sd3 runs without)")
+            raise ConfigError(
+                f"model.use_t5=false: the {self.name} family needs its T5 encoder (only sd3 runs without)"
+            )
         length = self.default_max_sequence_length if max_sequence_length is None else int(max_sequence_length)
         if not 1 <= length <= self.default_max_sequence_length:
             raise ConfigError(
@@ -58,7 +62,9 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         return {"max_sequence_length": length, "use_t5": bool(use_t5)}
 
     @abc.abstractmethod
-    def encode(self, pipeline, captions: list[str], device: torch.device, max_sequence_length: int) -> PromptEmbeddings:
+    def encode(
+        self, pipeline, captions: list[str], device: torch.device, max_sequence_length: int
+    ) -> PromptEmbeddings:
         """The pipeline's `encode_prompt` for `captions`, as (context, pooled)."""
 
     def t5_components(self) -> tuple[str, ...]:
@@ -71,7 +77,12 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         return tuple(name for name in names if name.startswith(("tokenizer", "text_encoder")))
 
     def load_frozen(
-        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        vae: str | None = None,
+        components: str = "all",
+        **text,
     ) -> dict:
         """The tokenizers, text encoders (frozen, eval mode) and VAE (or the replacement `vae`), by their pipeline
         names, and `prompts`, the encoder training and the caches call; `components`: all, vae or text."""
@@ -86,7 +97,11 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         elif vae:
             skipped["vae"] = load_vae(vae)
         pipeline = self.pipeline_class.from_pretrained(pretrained, revision=revision, **skipped)
-        frozen = {name: part for name, part in pipeline.components.items() if part is not None and name not in NOT_FROZEN}
+        frozen = {
+            name: part
+            for name, part in pipeline.components.items()
+            if part is not None and name not in NOT_FROZEN
+        }
         for part in frozen.values():
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False).eval()
@@ -95,7 +110,11 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         if components == "vae":
             return frozen
         length = options["max_sequence_length"]
-        encoders = [frozen[name] for name in self.text_components() if name.startswith("text_encoder") and name in frozen]
+        encoders = [
+            frozen[name]
+            for name in self.text_components()
+            if name.startswith("text_encoder") and name in frozen
+        ]
         frozen["prompts"] = PipelinePromptEncoder(
             pipeline, lambda pipe, captions, device: self.encode(pipe, captions, device, length), encoders
         )
@@ -137,19 +156,25 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         frozen = {name: part for name, part in pipeline.components.items() if name not in NOT_FROZEN}
-        return ModelParts(pipeline.transformer, pipeline.scheduler, {k: v for k, v in frozen.items() if v is not None})
+        return ModelParts(
+            pipeline.transformer, pipeline.scheduler, {k: v for k, v in frozen.items() if v is not None}
+        )
 
     def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
         """These transformers run their own attention processors (joint text-image attention, rotary
         embeddings), all on torch's SDPA: replacing them would break the model."""
         if attention != "sdpa":
-            raise ConfigError(f"model.attention={attention}: the {self.name} family runs diffusers' own SDPA processors (sdpa only)")
+            raise ConfigError(
+                f"model.attention={attention}: the {self.name} family runs diffusers' own SDPA processors (sdpa only)"
+            )
 
     # ---- using them -------------------------------------------------------------------------------------
     def pipeline(self, parts: ModelParts, scheduler=None):
         names = self.pipeline_class._get_signature_keys(self.pipeline_class)[0]
         components = {name: parts.frozen.get(name) for name in names if name not in NOT_FROZEN}
-        return self.pipeline_class(transformer=parts.net, scheduler=scheduler or self.sampling_scheduler(parts), **components)
+        return self.pipeline_class(
+            transformer=parts.net, scheduler=scheduler or self.sampling_scheduler(parts), **components
+        )
 
     def sampling_scheduler(self, parts: ModelParts):
         """The training scheduler itself: the pipelines sample with FlowMatchEuler on its shift (dynamic for

@@ -18,7 +18,13 @@ from diffusion_lab.families.registry import register
 from diffusion_lab.families.sd3 import JOINT_ATTENTION
 
 # diffusers' train_dreambooth_lora_flux.py default: the joint attention and both feed-forwards
-ATTENTION_AND_FEED_FORWARD = (*JOINT_ATTENTION, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+ATTENTION_AND_FEED_FORWARD = (
+    *JOINT_ATTENTION,
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -74,13 +80,18 @@ class Flux(FlowTransformerFamily):
             given = {"prompt_embeds": positive.hidden, "pooled_prompt_embeds": positive.pooled}
             if negative_prompt:
                 negative = prompt_encoder([negative_prompt] * len(prompts), device)
-                given.update(negative_prompt_embeds=negative.hidden, negative_pooled_prompt_embeds=negative.pooled)
+                given.update(
+                    negative_prompt_embeds=negative.hidden, negative_pooled_prompt_embeds=negative.pooled
+                )
             return given
 
         return inputs
 
     def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
-        return {"encoder_hidden_states": prompts.hidden.to(dtype), "pooled_projections": prompts.pooled.to(dtype)}
+        return {
+            "encoder_hidden_states": prompts.hidden.to(dtype),
+            "pooled_projections": prompts.pooled.to(dtype),
+        }
 
     def denoiser(self, net: torch.nn.Module, training_guidance: float | None = None):
         """Packs x_t, adds the position ids and the guidance, calls the transformer with sigma as its timestep

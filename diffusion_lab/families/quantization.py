@@ -30,7 +30,9 @@ def check_base_storage(quantize: str | None, base_dtype: str | None, lora_rank: 
     rounds small updates away; quantised ones have none)."""
     if base_dtype is not None:
         if base_dtype not in ("bfloat16", "float16"):
-            raise ConfigError(f"model.base_dtype={base_dtype!r}; choose bfloat16, float16 or null (as loaded, fp32)")
+            raise ConfigError(
+                f"model.base_dtype={base_dtype!r}; choose bfloat16, float16 or null (as loaded, fp32)"
+            )
         if lora_rank is None:
             raise ConfigError(
                 f"model.base_dtype={base_dtype} stores the frozen base of a LoRA run: set model.lora_rank (a full "
@@ -64,7 +66,9 @@ def quantization_config(quantize: str):
     """diffusers' `quantization_config` for `from_pretrained`, or an error naming the package to install."""
     if quantize == "nf4":
         if not torch.cuda.is_available():
-            raise ConfigError("model.quantize=nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); on a CPU use int8")
+            raise ConfigError(
+                "model.quantize=nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); on a CPU use int8"
+            )
         _require("bitsandbytes")
         from diffusers import BitsAndBytesConfig
 

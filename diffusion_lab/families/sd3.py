@@ -76,7 +76,10 @@ class StableDiffusion3(FlowTransformerFamily):
         return PromptEmbeddings(hidden, pooled)
 
     def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
-        return {"encoder_hidden_states": prompts.hidden.to(dtype), "pooled_projections": prompts.pooled.to(dtype)}
+        return {
+            "encoder_hidden_states": prompts.hidden.to(dtype),
+            "pooled_projections": prompts.pooled.to(dtype),
+        }
 
     def denoiser(self, net: torch.nn.Module, training_guidance: float | None = None):
         """The MMDiT takes the latents and the timestep (sigma * 1000, as the pipeline feeds it) by name."""
@@ -85,4 +88,3 @@ class StableDiffusion3(FlowTransformerFamily):
             return net(hidden_states=x_t, timestep=timesteps, **conditioning)
 
         return denoise
-

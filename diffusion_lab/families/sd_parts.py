@@ -10,7 +10,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from diffusion_lab.families.base import ModelParts
 from diffusion_lab.families.prompts import PromptEncoder
 
-FROZEN_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+FROZEN_SUBFOLDERS = (
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+)
 
 
 def pipeline_index(pretrained: str, revision: str | None = None) -> dict:

@@ -12,13 +12,18 @@ import torch
 
 from diffusion_lab.core.crop_geometry import batch_crop_geometry
 from diffusion_lab.core.schedulers import flow_settings, scheduler_from_name, with_zero_terminal_snr
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.base import Family, ModelParts
 from diffusion_lab.families.checkpoints import load_trained_weights, trained_scheduler
-from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.lora import ATTENTION_PROJECTIONS, add_lora, save_kohya, save_lora
 from diffusion_lab.families.prompts import PromptEmbeddings
 from diffusion_lab.families.registry import register
-from diffusion_lab.families.sd_parts import has_second_text_encoder, load_parts, load_text_and_vae, pipeline_index
+from diffusion_lab.families.sd_parts import (
+    has_second_text_encoder,
+    load_parts,
+    load_text_and_vae,
+    pipeline_index,
+)
 from diffusion_lab.generation.samplers import TextToImageSampler
 
 FROZEN = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -40,7 +45,9 @@ class StableDiffusion(Family):
     two_encoders = False
     denoiser_name = "unet"  # the trained network's name in the pipeline (and in LoRA files)
     kohya_prefix = "lora_unet"  # the key prefix of its single-file kohya LoRA (`lora.kohya_state_dict`)
-    default_training_guidance: float | None = None  # a guidance-distilled model's (Flux dev) training guidance
+    default_training_guidance: float | None = (
+        None  # a guidance-distilled model's (Flux dev) training guidance
+    )
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         hyper = checkpoint.get("hyper_parameters", {})
@@ -62,7 +69,12 @@ class StableDiffusion(Family):
         return {}
 
     def load_frozen(
-        self, pretrained: str, revision: str | None = None, vae: str | None = None, components: str = "all", **text
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        vae: str | None = None,
+        components: str = "all",
+        **text,
     ) -> dict:
         """The tokenizer(s), text encoder(s), VAE and `prompts` encoder (see `sd_parts.load_text_and_vae`);
         `components`: all, vae or text."""
@@ -83,7 +95,7 @@ class StableDiffusion(Family):
 
     def prepare_network(self, net: torch.nn.Module, attention: str) -> None:
         """The UNet's attention kernel (`model.attention`)."""
-        from diffusion_lab.models.attention import set_attention
+        from diffusion_lab.families.attention import set_attention
 
         set_attention(net, attention)
 
@@ -151,7 +163,9 @@ class StableDiffusion(Family):
             negative = prompt_encoder([negative_prompt or ""] * len(prompts), device)
             given = {"prompt_embeds": positive.hidden, "negative_prompt_embeds": negative.hidden}
             if self.pooled_inputs:
-                given.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+                given.update(
+                    pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled
+                )
             return given
 
         return inputs

@@ -1,4 +1,4 @@
-"""Z-Image (`z_image`; Tongyi-MAI 2025, arXiv:2511.22699): a 6 B single-stream diffusion transformer
+"""Z-Image (`z_image`; Tongyi-MAI 2025): a 6 B single-stream diffusion transformer
 (`ZImageTransformer2DModel`: image and caption tokens in one sequence, refiner layers for each, 3-axis rotary
 embeddings) trained with rectified flow, conditioned on one text encoder, Qwen3-4B's second-to-last hidden states
 of the prompt in Qwen's chat template. The newest family here, and the one a 24 GB card fine-tunes in bf16.
@@ -34,7 +34,9 @@ class ZImage(FlowTransformerFamily):
     lora_target_modules = ATTENTION
     tiny_overrides = ("experiment=z_image_lora_tiny", "~latent_cache")
     pooled_inputs = False
-    kohya_prefix = "lora_unet"  # as musubi-tuner writes Z-Image LoRAs, which diffusers' ZImage loader converts
+    kohya_prefix = (
+        "lora_unet"  # as musubi-tuner writes Z-Image LoRAs, which diffusers' ZImage loader converts
+    )
 
     def build_tiny(self, out_dir, sample_size: int = 32, seed: int = 0):
         from diffusion_lab.families.tiny import build_tiny_z_image
@@ -43,7 +45,9 @@ class ZImage(FlowTransformerFamily):
 
     def encode(self, pipeline, captions, device, max_sequence_length) -> PromptEmbeddings:
         embeddings, _ = pipeline.encode_prompt(
-            prompt=list(captions), device=device, do_classifier_free_guidance=False,
+            prompt=list(captions),
+            device=device,
+            do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )  # fmt: skip  (a copy: encode_prompt rewrites its list in place)
         padded = embeddings[0].new_zeros(len(embeddings), max_sequence_length, embeddings[0].shape[-1])

@@ -196,7 +196,9 @@ class TextToImageSampler:
 
     def native_size(self) -> tuple[int | None, int | None]:
         """The output size in pixels the pipeline defaults to (None: it decides each side itself, as Z-Image's)."""
-        native = getattr(self.net.config, "sample_size", None) or getattr(self.pipeline, "default_sample_size", None)
+        native = getattr(self.net.config, "sample_size", None) or getattr(
+            self.pipeline, "default_sample_size", None
+        )
         if native is None:
             return None, None
         height, width = (native, native) if isinstance(native, int) else native

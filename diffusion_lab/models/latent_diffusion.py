@@ -20,8 +20,8 @@ from diffusion_lab.families import LatentEncoder, ModelParts, family_of_pipeline
 from diffusion_lab.families.checkpoints import current_key, describe_components
 from diffusion_lab.families.lora import add_lora
 from diffusion_lab.families.prompt_cache import PromptCache
-from diffusion_lab.families.quantization import check_base_storage
 from diffusion_lab.families.prompts import PromptEmbeddings
+from diffusion_lab.families.quantization import check_base_storage
 from diffusion_lab.families.sd_parts import pipeline_index
 from diffusion_lab.models.diffusion_model import DiffusionModel, ObjectiveFactory
 
@@ -131,10 +131,14 @@ class LatentDiffusion(DiffusionModel):
         self._base = parts.base
         # The frozen modules (vae, text_encoder, ...) are submodules under their pipeline names, so Lightning
         # moves them with the model; tokenizers and the prompt encoder are kept beside them.
-        self._frozen_modules = [name for name, part in parts.frozen.items() if isinstance(part, torch.nn.Module)]
+        self._frozen_modules = [
+            name for name, part in parts.frozen.items() if isinstance(part, torch.nn.Module)
+        ]
         for name in self._frozen_modules:
             setattr(self, name, parts.frozen[name])
-        self._frozen_other = {name: part for name, part in parts.frozen.items() if name not in self._frozen_modules}
+        self._frozen_other = {
+            name: part for name, part in parts.frozen.items() if name not in self._frozen_modules
+        }
         self.encoder = LatentEncoder(
             pretrained, revision, vae, vae_dtype, text_encoder_dtype, frozen=parts.frozen, **text
         )

@@ -257,7 +257,17 @@ class LatentDiffusion(DiffusionModel):
 
     def sampler(self):
         """The family's sampler; with a prompt cache it feeds the pipeline cached embeddings."""
-        return self.family.sampler(self.parts(), prompt_encoder=self.prompt_cache)
+        return self.family.sampler(self.parts(), prompt_encoder=self.prompt_cache and self._sampling_prompts)
+
+    def _sampling_prompts(self, prompts: list[str], device) -> PromptEmbeddings:
+        """The prompt cache for a callback's drawing: text encoders loaded for prompts it lacks (a quality
+        callback's captions) are released again, not kept beside the training model."""
+        loaded = self.encoder.text_loaded
+        try:
+            return self.prompt_cache(prompts, device)
+        finally:
+            if not loaded and self.encoder.text_loaded:
+                self.release_text_encoders()
 
     def save_pipeline(self, out_dir: str | Path) -> Path:
         """The family's export: a pipeline folder, or LoRA adapters for the base model. A full model's folder

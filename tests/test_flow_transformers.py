@@ -66,7 +66,9 @@ def _inputs(model: LatentDiffusion) -> dict:
 
 def test_lora_trains_only_the_adapters_and_leaves_base_and_frozen_parts_bit_identical(tiny):
     name, folder = tiny
-    model = _model(folder, lora_rank=4, lora_alpha=8, gradient_checkpointing=True)  # adapters still get gradients
+    model = _model(
+        folder, lora_rank=4, lora_alpha=8, gradient_checkpointing=True
+    )  # adapters still get gradients
     assert model.family.name == name and model.net.is_gradient_checkpointing
     frozen_before = {part: _snapshot(getattr(model, part)) for part in model._frozen_modules}
     net_before = _snapshot(model.net)
@@ -135,8 +137,9 @@ def test_a_unet_kohya_file_loads_in_diffusers_and_applies_the_trained_adapter(ti
 
 
 def test_a_full_fine_tune_exports_a_stock_pipeline_whose_samples_equal_the_training_grid(tiny, tmp_path):
+    """With a prompt cache (the text encoders not part of the model), the export still holds them."""
     name, folder = tiny
-    model = _model(folder)
+    model = _model(folder, prompt_cache=str(tmp_path / "prompts"))
     before = _snapshot(model.net)
     bare_trainer(2).fit(model, datamodule=_digits())
     assert any(not torch.equal(value, model.net.state_dict()[key]) for key, value in before.items())
@@ -242,7 +245,9 @@ def test_sd3_trains_and_samples_without_t5_and_flux_refuses_to(tiny_sd3, tiny_fl
         _model(tiny_flux, use_t5=False)
 
 
-def test_settings_that_do_not_fit_the_family_are_refused_with_the_key(tiny_sd, tiny_sd3, tiny_flux):
+def test_settings_that_do_not_fit_the_family_are_refused_with_the_key(
+    tiny_sd, tiny_sd3, tiny_flux, tiny_z_image
+):
     with pytest.raises(ConfigError, match="model.max_sequence_length"):
         _model(tiny_sd, max_sequence_length=77)
     with pytest.raises(ConfigError, match="model.training_guidance"):
@@ -251,6 +256,8 @@ def test_settings_that_do_not_fit_the_family_are_refused_with_the_key(tiny_sd, t
         _model(tiny_sd3, attention="eager")
     with pytest.raises(ConfigError, match="between 1 and 256"):
         _model(tiny_sd3, max_sequence_length=300)
+    with pytest.raises(ConfigError, match="only euler"):  # ZImagePipeline sets sigmas the others do not take
+        load_sampler(pretrained=str(tiny_z_image))[0].scheduler(SampleSettings(scheduler="unipc"))
     with pytest.raises(ConfigError, match="use_dynamic_shifting=false"):  # Flux's shift follows resolution
         _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0))
     _model(tiny_flux, objective=functools.partial(FlowMatching, shift=2.0),
@@ -286,10 +293,12 @@ def test_qlora_on_an_int8_base_trains_float32_adapters_and_exports_them_for_the_
     assert (full_base - quantised.float()).abs().mean() < 0.05 * full_base.abs().mean()  # int8 rounding only
 
 
-def test_a_bf16_base_trains_float32_adapters_and_keeps_its_weights(tiny_sd3):
-    """model.base_dtype=bfloat16: the frozen base at half fp32's memory, the adapters in float32, and the base's
-    bf16 weights bit-identical after training."""
-    model = _model(tiny_sd3, lora_rank=4, base_dtype="bfloat16")
+def test_a_bf16_base_trains_float32_adapters_keeps_its_weights_and_draws_from_cached_prompts(tiny, tmp_path):
+    """model.base_dtype=bfloat16: the frozen base at half fp32's memory, the adapters in float32, the base's bf16
+    weights bit-identical after training, and the grid drawn from float32 cached embeddings (the pipelines take
+    their latents' dtype from the embeddings: they are cast to the transformer's)."""
+    name, folder = tiny
+    model = _model(folder, lora_rank=4, base_dtype="bfloat16", prompt_cache=str(tmp_path / "prompts"))
     base = {name: p.detach().clone() for name, p in model.net.named_parameters() if not p.requires_grad}
     assert {p.dtype for p in base.values()} == {torch.bfloat16}
     trainable = {name: p for name, p in model.net.named_parameters() if p.requires_grad}
@@ -298,6 +307,8 @@ def test_a_bf16_base_trains_float32_adapters_and_keeps_its_weights(tiny_sd3):
     bare_trainer(2).fit(model, datamodule=_digits())
     assert all(torch.equal(p, dict(model.net.named_parameters())[name]) for name, p in base.items())
     assert any(not torch.equal(before[name], p) for name, p in trainable.items())
+    settings = SampleSettings(num_inference_steps=2, guidance_scale=2.0, height=32, width=32)
+    assert torch.isfinite(model.sampler().generate([0], settings, prompts=[PROMPT])).all()
 
 
 def test_quantisation_is_refused_where_it_cannot_apply(tiny_sd, tiny_flux):
@@ -357,3 +368,13 @@ def test_drawing_with_uncached_prompts_loads_the_text_encoders_only_for_that_dra
     assert not model.encoder.text_loaded and model.prompt_cache.encoded == 1
     again = model.sampler().generate([0], settings, prompts=[PROMPT])  # from the cache now
     assert model.prompt_cache.encoded == 1 and torch.equal(first, again)
+
+
+def test_a_lora_trained_on_another_shift_exports_that_schedule_and_sample_uses_it(tiny_sd3, tmp_path):
+    model = _model(tiny_sd3, lora_rank=4, objective=functools.partial(FlowMatching, shift=2.0))
+    exported = model.save_pipeline(tmp_path / "lora")
+    sampler, details = load_sampler(pretrained=str(tiny_sd3), lora=str(exported))
+    assert details["scheduler_from"] == str(exported)
+    assert sampler.scheduler(SampleSettings()).config.shift == 2.0
+    same = _model(tiny_sd3, lora_rank=4).save_pipeline(tmp_path / "same")
+    assert not (same / "scheduler").exists()  # the base's own schedule: nothing to carry

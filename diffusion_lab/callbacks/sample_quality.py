@@ -121,6 +121,8 @@ class SampleQuality(EndOfRunWork):
             reference = self.reference(trainer, device)
             sampler = pl_module.sampler()
             prompts = reference.captions if sampler.kind == "text" else None
+            if prompts and hasattr(pl_module, "cache_prompts"):  # encoded once, not once per batch
+                pl_module.cache_prompts(list(prompts))
             if sampler.kind == "text" and self.clip_model and self._clip_scorer is None:
                 self._clip_scorer = ClipScorer(self.clip_model)
             plan = evaluation_plan(sampler, self.num_samples, self.seed, prompts)

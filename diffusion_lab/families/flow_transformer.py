@@ -20,7 +20,7 @@ from diffusion_lab.families.lora import add_lora, save_kohya, save_lora
 from diffusion_lab.families.prompts import PipelinePromptEncoder, PromptEmbeddings
 from diffusion_lab.families.quantization import base_loading
 from diffusion_lab.families.sd_parts import decode_in_own_dtype, load_vae
-from diffusion_lab.families.stable_diffusion import StableDiffusion
+from diffusion_lab.families.stable_diffusion import StableDiffusion, public_config
 from diffusion_lab.generation.samplers import TextToImageSampler
 
 NOT_FROZEN = ("transformer", "scheduler")
@@ -35,6 +35,7 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
         False  # SD3 was trained to work without its T5 (arXiv:2403.03206 section 5.3.2)
     )
     denoiser_name = "transformer"
+    sampling_schedulers: ClassVar[tuple[str, ...] | None] = None  # names its pipeline samples with; None: any
     kohya_prefix = "lora_transformer"
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
@@ -185,16 +186,21 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
     def sampler(self, parts: ModelParts, prompt_encoder=None) -> TextToImageSampler:
         length = (parts.base or {}).get("max_sequence_length")
-        return TextToImageSampler(self.pipeline(parts), own_scheduler=True,
+        return TextToImageSampler(self.pipeline(parts), own_scheduler=True, schedulers=self.sampling_schedulers,
                                   call_defaults={"max_sequence_length": length} if length else None,
                                   prompt_inputs=self.prompt_inputs(prompt_encoder))  # fmt: skip
 
     def sampler_from_pipeline(self, pipeline) -> TextToImageSampler:
-        return TextToImageSampler(pipeline, own_scheduler=True)
+        return TextToImageSampler(pipeline, own_scheduler=True, schedulers=self.sampling_schedulers)
 
     def save_pipeline(self, parts: ModelParts, folder: Path) -> Path:
+        """A full model: the pipeline folder. A LoRA: its adapters, plus `scheduler/` when the training schedule
+        differs from the base model's (another shift), which `sample ... lora=` loads with them."""
         if parts.has_lora:
-            return save_lora(parts.net, folder, self.pipeline_class, component="transformer")
+            base = (parts.base or {}).get("scheduler_config")
+            changed = base is not None and public_config(parts.noise_scheduler.config) != public_config(base)
+            return save_lora(parts.net, folder, self.pipeline_class, component="transformer",
+                             scheduler=self.sampling_scheduler(parts) if changed else None)  # fmt: skip
         return super().save_pipeline(parts, folder)
 
     def save_kohya(self, parts: ModelParts, folder: Path) -> Path:

@@ -29,7 +29,8 @@ from diffusion_lab.generation.samplers import TextToImageSampler
 FROZEN = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
-def _public(config) -> dict:
+def public_config(config) -> dict:
+    """A scheduler config without its bookkeeping (`_class_name`, `_diffusers_version`): what decides sampling."""
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
@@ -189,7 +190,9 @@ class StableDiffusion(Family):
         training schedule differs from the base model's (e.g. v-prediction on an epsilon base)."""
         pipeline_class = type(self.pipeline(parts))
         if parts.has_lora:
-            changed = _public(parts.noise_scheduler.config) != _public(parts.base["scheduler_config"])
+            changed = public_config(parts.noise_scheduler.config) != public_config(
+                parts.base["scheduler_config"]
+            )
             return save_lora(parts.net, folder, pipeline_class,
                              scheduler=self.sampling_scheduler(parts) if changed else None)  # fmt: skip
         vae = parts.frozen["vae"]

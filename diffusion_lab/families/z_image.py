@@ -34,6 +34,9 @@ class ZImage(FlowTransformerFamily):
     lora_target_modules = ATTENTION
     tiny_overrides = ("experiment=z_image_lora_tiny", "~latent_cache")
     pooled_inputs = False
+    sampling_schedulers = (
+        "euler",
+    )  # ZImagePipeline passes its own sigmas, which only flow-match Euler takes
     kohya_prefix = (
         "lora_unet"  # as musubi-tuner writes Z-Image LoRAs, which diffusers' ZImage loader converts
     )
@@ -73,7 +76,7 @@ class ZImage(FlowTransformerFamily):
         """Lists in, time as 1 - sigma, velocity = -output: what `ZImagePipeline.__call__` does each step."""
 
         def denoise(x_t, timesteps, cap_feats):
-            time = (1000 - timesteps.to(x_t.dtype)) / 1000
+            time = (1000 - timesteps.float()) / 1000  # in float32, as the pipeline computes it
             outputs = net(list(x_t.unsqueeze(2).unbind(0)), time, unpadded(cap_feats), return_dict=False)[0]
             return SimpleNamespace(sample=-torch.stack(outputs).squeeze(2))
 

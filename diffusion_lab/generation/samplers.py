@@ -12,6 +12,7 @@ import torch
 
 from diffusion_lab.core import sample_images
 from diffusion_lab.core.schedulers import has_zero_terminal_snr, scheduler_from_name
+from diffusion_lab.errors import ConfigError
 
 
 @dataclass
@@ -142,21 +143,35 @@ class LatentClassSampler(PixelSampler):
         return self.vae.decode(latents.to(self.vae.dtype)).sample
 
 
+def _cast(value, dtype: torch.dtype):
+    """A tensor, or a list of them (Z-Image's captions), in `dtype`."""
+    if isinstance(value, list):
+        return [_cast(item, dtype) for item in value]
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
 class TextToImageSampler:
     """Any diffusers text-to-image pipeline (Stable Diffusion and relatives, SD3, Flux): prompts, guidance,
     negatives. `own_scheduler`: with no scheduler named, sample with the pipeline's own (SD3 / Flux: flow-match
     Euler, as their folders ship) rather than the DDIM / UniPC default; `call_defaults`: pipeline arguments a
     model was trained with (`max_sequence_length`) that the settings may override; `prompt_inputs(prompts,
     negative_prompt, device)`: the pipeline's embedding arguments from a prompt cache, in place of the prompts
-    (the pipeline then needs no text encoders)."""
+    (the pipeline then needs no text encoders; they are cast to the denoiser's dtype, which SD3's, Flux's and
+    Z-Image's pipelines take their latents' dtype from); `schedulers`: the names the pipeline can sample with
+    (None: any that fits the model)."""
 
     kind = "text"
     num_classes = None
 
     def __init__(
-        self, pipeline, own_scheduler: bool = False, call_defaults: dict | None = None, prompt_inputs=None
+        self,
+        pipeline,
+        own_scheduler: bool = False,
+        call_defaults: dict | None = None,
+        prompt_inputs=None,
+        schedulers: tuple[str, ...] | None = None,
     ) -> None:
-        self.pipeline, self.prompt_inputs = pipeline, prompt_inputs
+        self.pipeline, self.prompt_inputs, self.schedulers = pipeline, prompt_inputs, schedulers
         self.training_scheduler_config = pipeline.scheduler.config
         self.own_scheduler, self.call_defaults = own_scheduler, dict(call_defaults or {})
 
@@ -179,6 +194,15 @@ class TextToImageSampler:
         return self
 
     def scheduler(self, settings: SampleSettings):
+        if (
+            settings.scheduler is not None
+            and self.schedulers is not None
+            and settings.scheduler not in self.schedulers
+        ):
+            raise ConfigError(
+                f"scheduler={settings.scheduler}: {type(self.pipeline).__name__} sets its own sigmas, which only "
+                f"{', '.join(self.schedulers)} take{'s' if len(self.schedulers) == 1 else ''} (or null)"
+            )
         if settings.scheduler is None and self.own_scheduler:
             config = self.training_scheduler_config
             return type(self.pipeline.scheduler).from_config(config)
@@ -245,6 +269,7 @@ class TextToImageSampler:
         try:
             if self.prompt_inputs is not None:
                 given = self.prompt_inputs(list(prompts), settings.negative_prompt, self.device)
+                given = {key: _cast(value, self.net.dtype) for key, value in given.items()}
             else:
                 negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
                 given = {"prompt": list(prompts), "negative_prompt": negative}

@@ -144,7 +144,9 @@ class LatentDiffusion(DiffusionModel):
         )
         self.prompt_cache = PromptCache(self.encoder, prompt_cache) if prompt_cache else None
         self.net = parts.net
-        self.encoder.restore_vae_dtype()
+        self.encoder.to(
+            torch.device("cpu")
+        )  # the VAE in vae_dtype, resident text encoders in text_encoder_dtype
         # from_pretrained returns eval-mode modules and Lightning keeps the modes it finds: the UNet must be
         # in train mode, or diffusers skips gradient checkpointing.
         self.net.train()
@@ -176,6 +178,12 @@ class LatentDiffusion(DiffusionModel):
             prompts += list(getattr(callback, "cached_prompts", list)())
         self.prompt_cache.fill(prompts, self.trainer.strategy.root_device)
         self.release_text_encoders()
+
+    def cache_prompts(self, prompts: list[str]) -> None:
+        """Encode what the prompt cache lacks of `prompts` in one go (a quality callback's captions, before it
+        draws them batch by batch), releasing the text encoders again if they were not loaded before."""
+        if self.prompt_cache is not None:
+            self._sampling_prompts(list(dict.fromkeys(prompts)) or [""], self.device)
 
     def release_text_encoders(self) -> None:
         self.encoder.release_text()
@@ -273,12 +281,12 @@ class LatentDiffusion(DiffusionModel):
         """The family's export: a pipeline folder, or LoRA adapters for the base model. A full model's folder
         holds the text encoders too: a run with a prompt cache loads them (on the CPU) to write it."""
         parts = self.parts()
-        if parts.has_lora or self.encoder.text_loaded or self.prompt_cache is None:
+        if parts.has_lora or self.prompt_cache is None:
             return self.family.save_pipeline(parts, Path(out_dir))
-        self.encoder.to(torch.device("cpu"))
+        loaded = self.encoder.text_loaded
         try:
             parts.frozen.update(self.encoder.text_parts())
             return self.family.save_pipeline(parts, Path(out_dir))
         finally:
-            self.release_text_encoders()
-            self.encoder.to(self.device)
+            if not loaded:
+                self.release_text_encoders()

@@ -1,7 +1,7 @@
 """Z-Image (`z_image`; Tongyi-MAI 2025): a 6 B single-stream diffusion transformer
 (`ZImageTransformer2DModel`: image and caption tokens in one sequence, refiner layers for each, 3-axis rotary
 embeddings) trained with rectified flow, conditioned on one text encoder, Qwen3-4B's second-to-last hidden states
-of the prompt in Qwen's chat template. The newest family here, and the one a 24 GB card fine-tunes in bf16.
+of the prompt in Qwen's chat template. The newest family here, and one a 24 GB card LoRA-tunes in bf16.
 
 Two conventions differ from SD3 / Flux and live in `denoiser` alone: the transformer takes lists (one latent and
 one caption of its own length per image) and a time that runs the other way (1 - sigma), and it predicts x0 -

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_lab.compat.diffusers import explicit_config
+from diffusion_lab.core.loss_mask import LossMask
 from diffusion_lab.core.noise_process import (
     per_image,
     predicted_x0,
@@ -113,15 +114,21 @@ class Objective(abc.ABC):
         keys: list[int],
         *,
         times: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        loss_mask: LossMask | None = None,
         **net_kwargs,
     ) -> torch.Tensor:
         """The weighted mean squared error of the network's prediction on a batch of clean inputs `x0`
         (pixels or latents). `keys` seed each image's draws; passing `times` fixes the noise levels, as
-        held-out validation does."""
+        held-out validation does; `mask` (N, 1, H, W) in [0, 1] weights the error per pixel as `loss_mask` says."""
         times, noise = self.draws(x0, keys, times)
         prediction = net(self.noisy(x0, noise, times), self.network_timesteps(times), **net_kwargs).sample
         target = self.target(x0, noise, times)
-        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        if mask is None:
+            per_image = squared_error.flatten(1).mean(dim=1)
+        else:
+            per_image = (loss_mask or LossMask()).per_image(squared_error, mask)
         return (per_image * self.weighting(self.noise_levels(times))).mean()
 
 

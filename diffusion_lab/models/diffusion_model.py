@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from diffusion_lab.core.loss_mask import LossMask
 from diffusion_lab.core.objectives import DDPM, Objective
 from diffusion_lab.core.random import sample_keys
 from diffusion_lab.families import Family, ModelParts
@@ -27,6 +28,8 @@ class DiffusionModel(L.LightningModule, abc.ABC):
 
     net: torch.nn.Module
     family: Family  # what callbacks, exports and samplers ask about this model (`families`)
+    loss_mask: LossMask | None = None  # per-pixel loss weights from `batch["loss_mask"]` (latent models)
+    preservation = None  # an extra term keeping what the base model drew (models.preservation; LoRA models)
 
     def __init__(
         self,
@@ -84,8 +87,11 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         conditioning = self.conditioning(batch, keys)
         alignment = self.alignment
         active = alignment is not None and alignment.active(self.global_step)
+        masked = {}
+        if self.loss_mask is not None:  # per-pixel weights (issue 25): the batch's mask, as the config weighs it
+            masked = {"mask": batch["loss_mask"], "loss_mask": self.loss_mask}
         with alignment.student_tokens(self.net) if active else contextlib.nullcontext() as tokens:
-            loss = self.objective.loss(self.denoiser(), x0, keys, **conditioning)
+            loss = self.objective.loss(self.denoiser(), x0, keys, **masked, **conditioning)
         if alignment is not None:  # with its own line in the logs; 0 once it stops (`stop_step`)
             if active:
                 term = alignment.loss(
@@ -96,6 +102,10 @@ class DiffusionModel(L.LightningModule, abc.ABC):
             self.log("train/diffusion_loss", loss, sync_dist=True)
             self.log("train/align_loss", term, sync_dist=True)
             loss = loss + alignment.weight * term
+        if self.preservation is not None:  # the class kept as the base draws it (models.preservation)
+            kept = self.preservation.loss(self, batch, x0, keys)
+            self.log("train/preservation_loss", kept, sync_dist=True)
+            loss = loss + self.preservation.weight * kept
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all ranks
         return loss
 

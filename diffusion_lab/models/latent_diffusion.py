@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
 from diffusion_lab.compat.diffusers import explicit_config
+from diffusion_lab.core.loss_mask import LossMask
 from diffusion_lab.core.random import CAPTION_DROPOUT_SALT, keyed_coin, keyed_gaussian_sample, salted
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families import LatentEncoder, ModelParts, family_of_pipeline
@@ -91,8 +92,11 @@ class LatentDiffusion(DiffusionModel):
         text_encoder_dtype: str | None = None,
         quantize: str | None = None,
         base_dtype: str | None = None,
+        loss_mask: dict | None = None,
+        preservation=None,
     ) -> None:
         check_base_storage(quantize, base_dtype, lora_rank)
+        loss_mask = dict(loss_mask) if loss_mask else None  # a plain dict in the checkpoint's hyperparameters
         family = family_of_pipeline(
             pipeline_index(pretrained, revision), where=f"model.pretrained={pretrained}"
         )
@@ -122,7 +126,7 @@ class LatentDiffusion(DiffusionModel):
             )
         # Plain lists and dicts in the checkpoint (Hydra passes ListConfig, which weights-only loading refuses).
         lora_target_modules = list(lora_target_modules or family.lora_target_modules)
-        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "noise_scheduler"])
+        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "noise_scheduler", "preservation"])
         if not isinstance(
             noise_scheduler, SchedulerMixin
         ):  # (the trained scheduler itself is in each checkpoint)
@@ -153,6 +157,10 @@ class LatentDiffusion(DiffusionModel):
         family.prepare_network(self.net, attention)
         if lora_rank is not None:
             add_lora(self.net, lora_rank, lora_alpha, lora_target_modules)
+        self.loss_mask = LossMask(**dict(loss_mask)) if loss_mask else None
+        self.preservation = preservation
+        if preservation is not None:
+            preservation.check(self.net)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
 
@@ -222,7 +230,7 @@ class LatentDiffusion(DiffusionModel):
                 "" if drop else caption
                 for caption, drop in zip(batch["caption"], dropped.tolist(), strict=True)
             ]
-            return (self.prompt_cache or self.encoder.encode_prompts)(captions, self.device)
+            return self.encode_prompts(captions)
 
         def chosen(name: str) -> torch.Tensor | None:
             if name not in batch:
@@ -231,6 +239,10 @@ class LatentDiffusion(DiffusionModel):
             return torch.where(mask, batch[f"empty_{name}"], batch[name])
 
         return PromptEmbeddings(chosen("text_embedding"), chosen("pooled_text_embedding"))
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        """Prompts through the prompt cache, or the text encoders."""
+        return (self.prompt_cache or self.encoder.encode_prompts)(prompts, self.device)
 
     def conditioning(self, batch: dict, keys: list[int] | None = None) -> dict:
         """In training (`keys` given) some captions are dropped to the empty prompt; the family turns the

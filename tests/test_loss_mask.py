@@ -77,3 +77,92 @@ def test_grey_is_a_partial_weight_and_normalising_by_area_removes_the_area():
 def test_a_floor_outside_zero_and_one_is_refused_with_the_key():
     with pytest.raises(ConfigError, match="model.loss_mask.unmasked_weight"):
         LossMask(unmasked_weight=1.5)
+
+
+# ---- masks in the data: they follow their image through resize, crop, flip and bucket -------------------------
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffusion_lab.data import ImageDataModule  # noqa: E402
+from diffusion_lab.data.transforms import random_flips  # noqa: E402
+
+
+class _Training:  # what the DataModules read of a trainer: training, at optimizer step 0
+    training, global_step, global_rank, world_size = True, 0, 0, 1
+
+
+def _write(root, sizes, alpha: bool):
+    """Images whose red channel is a random pattern and a mask that is that pattern (a mask file beside, or the
+    alpha channel with red 0, which compositing onto white turns into red = 255 - alpha)."""
+    rng = np.random.default_rng(0)
+    (root / "train" / "thing").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, (width, height) in enumerate(sizes):
+        pattern = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        if alpha:
+            rgba = np.zeros((height, width, 4), dtype=np.uint8)
+            rgba[..., 3] = pattern
+            Image.fromarray(rgba, "RGBA").save(root / "train" / "thing" / f"{i}.png")
+        else:
+            rgb = np.zeros((height, width, 3), dtype=np.uint8)
+            rgb[..., 0] = pattern
+            Image.fromarray(rgb).save(root / "train" / "thing" / f"{i}.png")
+            Image.fromarray(pattern, "L").save(root / "masks" / f"{i}.png")
+    return root
+
+
+def _batches(root, batch_size: int = 4, **settings):
+    data = ImageDataModule(path=str(root), streaming=False, image_size=32, batch_size=batch_size, num_workers=0,
+                           val_size=1, **settings)  # fmt: skip
+    data.trainer = _Training()
+    data.setup("fit")
+    iterator = iter(data.train_dataloader())
+    return [data.on_after_batch_transfer(next(iterator), 0) for _ in range(3)]
+
+
+@pytest.mark.parametrize("source", ["mask_dir", "alpha"])
+def test_masks_follow_their_image_through_random_crops_flips_and_buckets(source, tmp_path):
+    sizes = [(60, 30), (30, 60), (40, 40), (75, 40), (45, 90)] * 3
+    root = _write(tmp_path / "images", sizes, alpha=source == "alpha")
+    settings = {"alpha_mask": True} if source == "alpha" else {"mask_dir": str(root / "masks")}
+    shapes = set()
+    for batch in _batches(root, center_crop=False, random_flip=True, buckets=True, bucket_step=8, **settings):
+        red = (batch["pixels"][:, :1] + 1) / 2  # [0, 1], the pattern (alpha: its complement)
+        expected = 1 - red if source == "alpha" else red
+        assert batch["loss_mask"].shape == red.shape
+        # (the alpha case composites onto white first, 255 - alpha, whose bilinear rounding can differ by 2/255)
+        torch.testing.assert_close(batch["loss_mask"], expected, atol=(2.5 if source == "alpha" else 0.5) / 255, rtol=0)
+        shapes.add(tuple(red.shape[-2:]))
+    assert len(shapes) > 1  # more than one bucket was seen
+
+
+def test_mask_geometry_by_hand_a_left_half_mask_at_its_columns_and_mirrored_when_flipped(tmp_path):
+    """A 40 x 40 image with its left half masked, at 32 px: resized 0.8x, nothing to crop; columns 0-15 count and
+    16-31 do not (up to the bilinear seam at 15 | 16), mirrored in the images the keyed coin flips."""
+    (tmp_path / "train" / "thing").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    left = np.zeros((40, 40), dtype=np.uint8)
+    left[:, :20] = 255
+    for i in range(17):
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "train" / "thing" / f"{i}.png")
+        Image.fromarray(left, "L").save(tmp_path / "masks" / f"{i}.png")
+    batch = _batches(tmp_path, batch_size=16, mask_dir=str(tmp_path / "masks"), random_flip=True)[0]
+    flips = random_flips(0, 0, batch["index"])
+    assert torch.equal(batch["flipped"], flips) and flips.any() and not flips.all()
+    for mask, flipped in zip(batch["loss_mask"][:, 0], flips.tolist(), strict=True):
+        columns = mask.mean(dim=0)  # every row alike
+        if flipped:
+            columns = columns.flip(0)
+        assert columns[:15].min() == 1.0 and columns[17:].max() == 0.0
+
+
+def test_a_missing_mask_is_skipped_and_counted_and_masks_without_a_source_are_refused(tmp_path):
+    root = _write(tmp_path / "images", [(40, 40)] * 8, alpha=False)
+    (root / "masks" / "3.png").unlink()
+    batch = _batches(root, mask_dir=str(root / "masks"), random_flip=False, max_bad_fraction=0.5)[0]
+    assert "loss_mask" in batch  # the other images train; the skip is logged and counted
+    with pytest.raises(RuntimeError, match="no mask 3.png"):  # past data.max_bad_fraction the run stops, naming it
+        _batches(root, mask_dir=str(root / "masks"), random_flip=False)
+    with pytest.raises(ConfigError, match="choose one"):
+        ImageDataModule(path=str(root), mask_dir=str(root / "masks"), alpha_mask=True)

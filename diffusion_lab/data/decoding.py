@@ -77,6 +77,40 @@ def decode_image(value, channels: int = 3, min_size: int | None = None) -> Image
         raise BadSample(f"{type(error).__name__}: {error}") from error
 
 
+MASK_SUFFIXES = (".png", ".webp", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def decode_mask(value, from_alpha: bool = False) -> Image.Image:
+    """A loss mask as 8-bit grey (L), EXIF orientation applied as to images: a mask file's grey levels, or with
+    `from_alpha` the image's own alpha channel (opaque = counts). Raises BadSample when there is none."""
+    try:
+        image = _open(value)
+        ImageOps.exif_transpose(image, in_place=True)
+        if not from_alpha:
+            return image.convert("L")
+        if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+            raise BadSample(f"data.alpha_mask: the image has no alpha channel (mode {image.mode})")
+        return image.convert("RGBA").getchannel("A")
+    except BadSample:
+        raise
+    except Exception as error:
+        raise BadSample(f"mask: {type(error).__name__}: {error}") from error
+
+
+def mask_file(mask_dir: str, image_path: str | None) -> str:
+    """The mask beside an image: `<mask_dir>/<the image's stem>.<png|webp|...>`."""
+    from pathlib import Path
+
+    if not image_path:
+        raise BadSample("data.mask_dir: the row names no image file to find its mask by")
+    stem = Path(image_path).stem
+    for suffix in MASK_SUFFIXES:
+        candidate = Path(mask_dir) / f"{stem}{suffix}"
+        if candidate.is_file():
+            return str(candidate)
+    raise BadSample(f"no mask {stem}.png (or {', '.join(MASK_SUFFIXES[1:])}) in data.mask_dir={mask_dir}")
+
+
 class BadDataTally:
     """Counts skipped rows, keeps a few examples, and stops the run once too large a fraction is bad."""
 

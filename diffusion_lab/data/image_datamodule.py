@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import datasets
+import torch
 import lightning as L
 
 from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
-from diffusion_lab.data.decoding import BadSample, decode_image
+from diffusion_lab.data.decoding import BadSample, decode_image, decode_mask, mask_file
 from diffusion_lab.data.loaders import (
     PrefetchAwareLoader,
     rank_and_world_size,
@@ -88,8 +89,12 @@ class ImageDataModule(L.LightningDataModule):
         buckets: bool = False,
         bucket_step: int = 64,
         bucket_max_aspect: float = 2.0,
+        mask_dir: str | None = None,
+        alpha_mask: bool = False,
     ) -> None:
         super().__init__()
+        if mask_dir and alpha_mask:
+            raise ConfigError("data.mask_dir and data.alpha_mask both name the loss mask: choose one")
         self.save_hyperparameters()
         self.train_set: ImageStream | None = None
         self.val_set: ImageStream | None = None
@@ -169,6 +174,8 @@ class ImageDataModule(L.LightningDataModule):
                 plan = cover_and_crop(*original, bucket, center, entropy)
                 resized = resize_to_cover(image, plan)
             example = {"pixels": crop(resized, plan), "crop_geometry": plan.geometry()}
+            if self.masked:  # the same resize and crop as the image: the mask stays on its pixels
+                example["loss_mask"] = crop(resize_to_cover(self._mask(row[h.image_column]), plan), plan)
             if h.label_column:
                 example["label"] = row[h.label_column]
             if captions.enabled:
@@ -179,6 +186,18 @@ class ImageDataModule(L.LightningDataModule):
             return example
 
         return to_example
+
+    @property
+    def masked(self) -> bool:
+        """Whether examples carry a `loss_mask` (from `mask_dir` or the alpha channel)."""
+        return bool(self.hparams.mask_dir or self.hparams.alpha_mask)
+
+    def _mask(self, value):
+        h = self.hparams
+        if h.alpha_mask:
+            return decode_mask(value, from_alpha=True)
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        return decode_mask(mask_file(h.mask_dir, path))
 
     def _describe_row(self, row: dict, index: int) -> str:
         image = row.get(self.hparams.image_column)
@@ -232,8 +251,8 @@ class ImageDataModule(L.LightningDataModule):
         """Local map-style rows under the size threshold (streams are read once per pass anyway), cropped
         square (a bucketed split resizes each image for its own bucket)."""
         h = self.hparams
-        if not h.pixel_cache or isinstance(dataset, datasets.IterableDataset):
-            return False
+        if not h.pixel_cache or isinstance(dataset, datasets.IterableDataset) or self.masked:
+            return False  # (the pixel cache holds no masks)
         if split == "train" and self.bucket_set is not None:
             return False
         size = estimated_bytes(len(dataset), h.image_size, h.channels)
@@ -349,10 +368,14 @@ class ImageDataModule(L.LightningDataModule):
         training flips, keyed on (seed, step, image) as the latent cache keys its choice of orientation
         (`flipped`: which were mirrored)."""
         batch = {**batch, "pixels": to_signed_unit(batch["pixels"])}
+        if "loss_mask" in batch and batch["loss_mask"].dtype == torch.uint8:  # NHWC uint8 -> N1HW in [0, 1]
+            batch["loss_mask"] = batch["loss_mask"].permute(0, 3, 1, 2).float().div_(255)
         trainer = self.trainer
         if self.hparams.random_flip and trainer is not None and trainer.training:
             flips = random_flips(self.hparams.seed, trainer.global_step, batch["index"])
             batch["pixels"], batch["flipped"] = flip_rows(batch["pixels"], flips), flips
+            if "loss_mask" in batch:
+                batch["loss_mask"] = flip_rows(batch["loss_mask"], flips)
             if "crop_geometry" in batch:
                 batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], flips)
         return batch

@@ -11,6 +11,7 @@ import torch
 from diffusion_lab.core.loss_mask import LossMask
 from diffusion_lab.core.objectives import DDPM, Objective
 from diffusion_lab.core.random import sample_keys
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.families import Family, ModelParts
 from diffusion_lab.models.optimization import configure_optimizer
 
@@ -89,6 +90,11 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         active = alignment is not None and alignment.active(self.global_step)
         masked = {}
         if self.loss_mask is not None:  # per-pixel weights (issue 25): the batch's mask, as the config weighs it
+            if "loss_mask" not in batch:
+                raise ConfigError(
+                    "model/loss_mask=masked needs masks in the data: data.mask_dir=DIR (a mask per image, same "
+                    "file stem) or data.alpha_mask=true (the images' alpha channel)"
+                )
             masked = {"mask": batch["loss_mask"], "loss_mask": self.loss_mask}
         with alignment.student_tokens(self.net) if active else contextlib.nullcontext() as tokens:
             loss = self.objective.loss(self.denoiser(), x0, keys, **masked, **conditioning)

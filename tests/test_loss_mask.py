@@ -13,7 +13,9 @@ from diffusion_lab.errors import ConfigError
 OBJECTIVES = {
     "ddpm_epsilon": lambda: DDPM(DDPMScheduler()),
     "ddpm_v_min_snr": lambda: DDPM(DDPMScheduler(prediction_type="v_prediction"), weighting=MinSNR(5.0)),
-    "flow_logit_normal": lambda: FlowMatching(FlowMatchEulerDiscreteScheduler(shift=3.0), timesteps=LogitNormal()),
+    "flow_logit_normal": lambda: FlowMatching(
+        FlowMatchEulerDiscreteScheduler(shift=3.0), timesteps=LogitNormal()
+    ),
 }
 
 
@@ -37,7 +39,9 @@ def test_an_all_ones_mask_equals_the_plain_loss_exactly(name):
     plain = objective.loss(net, x0, keys)
     ones = torch.ones(3, 1, 64, 64)  # at image resolution: area-averaged to the 8 x 8 latents
     assert torch.equal(objective.loss(net, x0, keys, mask=ones, loss_mask=LossMask()), plain)
-    assert torch.equal(objective.loss(net, x0, keys, mask=ones, loss_mask=LossMask(unmasked_weight=0.3)), plain)
+    assert torch.equal(
+        objective.loss(net, x0, keys, mask=ones, loss_mask=LossMask(unmasked_weight=0.3)), plain
+    )
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -62,12 +66,16 @@ def test_grey_is_a_partial_weight_and_normalising_by_area_removes_the_area():
     for columns in (2, 4, 8):
         mask = torch.zeros(1, 1, 8, 8)
         mask[..., :columns] = 1
-        assert loss_mask.per_image(error, mask).item() == pytest.approx(columns / 8)  # kohya: grows with the area
+        assert loss_mask.per_image(error, mask).item() == pytest.approx(
+            columns / 8
+        )  # kohya: grows with the area
         per_area.append(normalised.per_image(error, mask).item())
     assert per_area == pytest.approx([1.0, 1.0, 1.0])  # normalised: the same whatever the area
     grey = torch.full((1, 1, 8, 8), 0.5)
     assert loss_mask.per_image(error, grey).item() == pytest.approx(0.5)
-    assert LossMask(unmasked_weight=0.2).per_image(error, torch.zeros(1, 1, 8, 8)).item() == pytest.approx(0.2)
+    assert LossMask(unmasked_weight=0.2).per_image(error, torch.zeros(1, 1, 8, 8)).item() == pytest.approx(
+        0.2
+    )
     # an image-resolution mask reaches the latents by area: an 8 x 8 block half covered weighs a half
     fine = torch.zeros(1, 1, 64, 64)
     fine[..., :, :4] = 1
@@ -96,18 +104,20 @@ def _write(root, sizes, alpha: bool):
     """Images whose red channel is a random pattern and a mask that is that pattern (a mask file beside, or the
     alpha channel with red 0, which compositing onto white turns into red = 255 - alpha)."""
     rng = np.random.default_rng(0)
-    (root / "train" / "thing").mkdir(parents=True)
+    for kind in ("thing", "other"):
+        (root / "train" / kind).mkdir(parents=True)
     (root / "masks").mkdir()
     for i, (width, height) in enumerate(sizes):
+        kind = ("thing", "other")[i % 2]
         pattern = rng.integers(0, 256, (height, width), dtype=np.uint8)
         if alpha:
             rgba = np.zeros((height, width, 4), dtype=np.uint8)
             rgba[..., 3] = pattern
-            Image.fromarray(rgba, "RGBA").save(root / "train" / "thing" / f"{i}.png")
+            Image.fromarray(rgba, "RGBA").save(root / "train" / kind / f"{i}.png")
         else:
             rgb = np.zeros((height, width, 3), dtype=np.uint8)
             rgb[..., 0] = pattern
-            Image.fromarray(rgb).save(root / "train" / "thing" / f"{i}.png")
+            Image.fromarray(rgb).save(root / "train" / kind / f"{i}.png")
             Image.fromarray(pattern, "L").save(root / "masks" / f"{i}.png")
     return root
 
@@ -132,7 +142,9 @@ def test_masks_follow_their_image_through_random_crops_flips_and_buckets(source,
         expected = 1 - red if source == "alpha" else red
         assert batch["loss_mask"].shape == red.shape
         # (the alpha case composites onto white first, 255 - alpha, whose bilinear rounding can differ by 2/255)
-        torch.testing.assert_close(batch["loss_mask"], expected, atol=(2.5 if source == "alpha" else 0.5) / 255, rtol=0)
+        torch.testing.assert_close(
+            batch["loss_mask"], expected, atol=(2.5 if source == "alpha" else 0.5) / 255, rtol=0
+        )
         shapes.add(tuple(red.shape[-2:]))
     assert len(shapes) > 1  # more than one bucket was seen
 
@@ -162,7 +174,48 @@ def test_a_missing_mask_is_skipped_and_counted_and_masks_without_a_source_are_re
     (root / "masks" / "3.png").unlink()
     batch = _batches(root, mask_dir=str(root / "masks"), random_flip=False, max_bad_fraction=0.5)[0]
     assert "loss_mask" in batch  # the other images train; the skip is logged and counted
-    with pytest.raises(RuntimeError, match="no mask 3.png"):  # past data.max_bad_fraction the run stops, naming it
+    with pytest.raises(
+        RuntimeError, match="no mask 3.png"
+    ):  # past data.max_bad_fraction the run stops, naming it
         _batches(root, mask_dir=str(root / "masks"), random_flip=False)
     with pytest.raises(ConfigError, match="choose one"):
         ImageDataModule(path=str(root), mask_dir=str(root / "masks"), alpha_mask=True)
+
+
+def test_cached_and_live_masks_give_the_same_loss_with_random_flips(tiny_sd, tmp_path):
+    """The latent cache stores each mask at the latents' resolution, unflipped, and mirrors it with the latents it
+    weighs: the masked loss on a cached batch equals the one on the decoded batch, flips included."""
+    import functools
+
+    from diffusion_lab.data import LatentCacheDataModule
+    from diffusion_lab.families import LatentEncoder
+    from diffusion_lab.models import LatentDiffusion
+
+    root = _write(tmp_path / "images", [(40, 40), (60, 30), (30, 60)] * 4, alpha=False)
+    images = ImageDataModule(path=str(root), streaming=False, image_size=32, batch_size=4, num_workers=0,
+                             val_size=1, label_column="label", caption_template="a photo of a {label}", random_flip=True,
+                             mask_dir=str(root / "masks"))  # fmt: skip
+    cached = LatentCacheDataModule(images, encoder=LatentEncoder(str(tiny_sd), text_encoder_dtype="float32"),
+                                   cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    cached.prepare_data()
+    cached.setup("fit")
+    examples, _ = images.examples_for_cache("train")
+    uncached_batch = torch.utils.data.default_collate(list(examples))
+    by_index = {int(cached.train_set[i]["index"]): i for i in range(len(cached.train_set))}
+    cached_batch = torch.utils.data.default_collate(
+        [cached.train_set[by_index[int(i)]] for i in uncached_batch["index"]]
+    )
+    assert cached_batch["loss_mask"].shape == (len(by_index), 1, 16, 16)
+    flips = random_flips(images.hparams.seed, 0, uncached_batch["index"])
+    assert flips.any() and not flips.all()
+    images.trainer = cached.trainer = _Training()
+    uncached_batch = images.on_after_batch_transfer(uncached_batch, 0)
+    cached_batch = cached.on_after_batch_transfer(cached_batch, 0)
+    settings = dict(pretrained=str(tiny_sd), optimizer=functools.partial(torch.optim.AdamW), lr=1e-3)
+    model = LatentDiffusion(**settings, loss_mask={"normalize_by_area": True})
+    model.log = lambda *args, **kwargs: None
+    masked = model.training_step(cached_batch, 0)
+    torch.testing.assert_close(masked, model.training_step(uncached_batch, 0), rtol=1e-5, atol=1e-6)
+    plain = LatentDiffusion(**settings)
+    plain.log = lambda *args, **kwargs: None
+    assert not torch.allclose(plain.training_step(cached_batch, 0), masked)  # the mask does weigh

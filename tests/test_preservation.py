@@ -28,7 +28,9 @@ def _model(folder, **overrides) -> LatentDiffusion:
 
 
 def _batch(model):
-    data = DigitsDataModule(image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}")
+    data = DigitsDataModule(
+        image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}"
+    )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     batch = data.on_after_batch_transfer(batch, 0)
@@ -38,7 +40,9 @@ def _batch(model):
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_the_term_is_exactly_zero_at_step_zero_and_grows_as_the_lora_moves(family, request):
-    model = _model(request.getfixturevalue(f"tiny_{family}"), **({"objective": None} if family == "sd" else {}))
+    model = _model(
+        request.getfixturevalue(f"tiny_{family}"), **({"objective": None} if family == "sd" else {})
+    )
     batch, x0, keys = _batch(model)
     assert model.preservation.loss(model, batch, x0, keys).item() == 0.0  # LoRA B starts at zero
     bare_trainer(3).fit(model, datamodule=DigitsDataModule(image_size=32, channels=3, batch_size=4,
@@ -71,7 +75,9 @@ def test_the_base_pass_takes_no_gradient_and_the_lora_comes_back_even_after_an_e
         del model.family.denoiser
     assert calls == [(False, True), (True, False)]  # the base without gradient, then the LoRA with
     term.backward()
-    assert all(p.grad is not None for n, p in model.net.named_parameters() if "lora_" in n and p.requires_grad)
+    assert all(
+        p.grad is not None for n, p in model.net.named_parameters() if "lora_" in n and p.requires_grad
+    )
 
     def failing(net, **options):
         def call(*args, **kwargs):

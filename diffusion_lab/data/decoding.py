@@ -88,7 +88,9 @@ def decode_mask(value, from_alpha: bool = False) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
         if not from_alpha:
             return image.convert("L")
-        if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        if image.mode not in ("RGBA", "LA", "PA") and not (
+            image.mode == "P" and "transparency" in image.info
+        ):
             raise BadSample(f"data.alpha_mask: the image has no alpha channel (mode {image.mode})")
         return image.convert("RGBA").getchannel("A")
     except BadSample:

@@ -11,7 +11,15 @@ NOT_CONTENT = {
 }
 
 
+# Settings added after caches were first keyed: left out at their defaults, so existing caches keep their keys.
+ADDED_LATER = {"mask_dir": None, "alpha_mask": False}
+
+
 def data_identity(datamodule) -> dict:
     """Class and content hyperparameters (path, resolution, crop, captions, split sizes, seed)."""
-    content = {key: value for key, value in dict(datamodule.hparams).items() if key not in NOT_CONTENT}
+    content = {
+        key: value
+        for key, value in dict(datamodule.hparams).items()
+        if key not in NOT_CONTENT and not (key in ADDED_LATER and value == ADDED_LATER[key])
+    }
     return {"class": type(datamodule).__qualname__, **content}

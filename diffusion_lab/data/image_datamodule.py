@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import datasets
-import torch
 import lightning as L
+import torch
 
 from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
@@ -289,7 +289,10 @@ class ImageDataModule(L.LightningDataModule):
         if self.hparams.streaming:  # (a hub dataset's id is in the key; its revision is not)
             return None
         dataset = dict(zip(("train", "val"), self._splits(), strict=True))[split]
-        return content_listing(dataset, self.hparams.image_column)
+        listing = content_listing(dataset, self.hparams.image_column)
+        if self.hparams.mask_dir:  # an edited mask is new content too
+            listing += f"+masks:{folder_listing(self.hparams.mask_dir)}"
+        return listing
 
     def cache_refusal(self, split: str) -> str | None:
         """Why a cache of one entry per image (and orientation) of `split`, such as REPA's encoder features,
@@ -384,6 +387,18 @@ class ImageDataModule(L.LightningDataModule):
         # Cached rows are a memory-mapped slice and a crop (~25k img/s in-process on 2 cores, `bench data`):
         # loader workers would only add IPC and take cores from the model.
         return stream_loader(stream, self.hparams.batch_size, 0 if cached else self.hparams.num_workers)
+
+
+def folder_listing(folder: str) -> str:
+    """A digest of a folder's files: each name, size and modification time."""
+    import hashlib
+
+    entries = sorted(
+        f"{entry.name}:{entry.stat().st_size}:{entry.stat().st_mtime_ns}"
+        for entry in os.scandir(folder)
+        if entry.is_file()
+    )
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def pixel_shape(example: dict) -> tuple[int, ...]:

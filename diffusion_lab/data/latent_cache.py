@@ -4,7 +4,8 @@ Per split, one folder: `latent_mean.bin` / `latent_std.bin` (each row (F, C, h, 
 and `latent_shapes`, F = 2 when the data flips at random (both orientations are encoded); rows of different
 aspect-ratio buckets differ in (h, w)), `crop_geometry.npy` (the crop each latent was encoded from),
 `text_embeddings.bin` (one row per distinct caption, row 0 the empty prompt; SDXL also
-`pooled_embeddings.bin`), `caption_ids.npy`, `indices.npy` (the source's example index, which keys the noise
+`pooled_embeddings.bin`), with masked data `loss_mask.bin` (each image's loss mask at its latents' resolution,
+by area, unflipped, float32) and `mask_offsets.npy`, `caption_ids.npy`, `indices.npy` (the source's example index, which keys the noise
 as in uncached training) and `meta.json` (shapes, dtype, and the key the folder is named after). The latent
 *distribution* is cached, not one sample of it, so every step still draws a fresh latent.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -68,7 +70,12 @@ def write_latent_cache(
     def write(folder: Path) -> None:
         captions: dict[str, int] = {"": 0}
         caption_ids, indices, shapes, geometry = [], [], [], []
-        with open(folder / "latent_mean.bin", "wb") as means, open(folder / "latent_std.bin", "wb") as stds:
+        mask_sizes: list[int] = []
+        with (
+            open(folder / "latent_mean.bin", "wb") as means,
+            open(folder / "latent_std.bin", "wb") as stds,
+            open(folder / "loss_mask.bin", "wb") as masks,
+        ):
             for batch in tqdm(batches, desc=description, unit="batch"):
                 batch = prepare_batch({**batch, "pixels": batch["pixels"].to(device)})
                 if "caption" not in batch:
@@ -88,6 +95,12 @@ def write_latent_cache(
                     )
                 means.write(mean.astype(stored).tobytes())
                 stds.write(std.astype(stored).tobytes())
+                if (
+                    "loss_mask" in batch
+                ):  # at the latents' resolution, by area, unflipped: as training weighs it
+                    latent_mask = F.interpolate(batch["loss_mask"].float(), size=mean.shape[-2:], mode="area")
+                    masks.write(latent_mask.cpu().numpy().astype(np.float32).tobytes())
+                    mask_sizes += [int(np.prod(latent_mask.shape[1:]))] * len(mean)
                 shapes += [list(mean.shape[1:])] * len(mean)
                 geometry += batch_crop_geometry(batch).tolist()
                 caption_ids += [captions.setdefault(caption, len(captions)) for caption in batch["caption"]]
@@ -106,6 +119,11 @@ def write_latent_cache(
         np.save(folder / "caption_ids.npy", np.asarray(caption_ids, dtype=np.int64))
         np.save(folder / "indices.npy", np.asarray(indices, dtype=np.int64))
         (folder / "captions.json").write_text(json.dumps(list(captions)))
+        if mask_sizes:
+            np.save(
+                folder / "mask_offsets.npy",
+                np.concatenate([[0], np.cumsum(mask_sizes)[:-1]]).astype(np.int64),
+            )
         meta = {
             "count": len(indices),
             "elements": int(sum(sizes)),
@@ -114,6 +132,7 @@ def write_latent_cache(
             "text_shape": list(hidden.shape[1:]),
             "pooled_shape": None if pooled is None else list(pooled.shape[1:]),
             "num_captions": len(captions),
+            "loss_mask_elements": int(sum(mask_sizes)) if mask_sizes else None,  # float32, (1, h, w) a row
             "dtype": dtype,
             "key": key,
         }
@@ -147,6 +166,10 @@ class CachedLatents(Dataset):
             if meta["pooled_shape"] is not None:
                 shape = [meta["num_captions"], *meta["pooled_shape"]]
                 self._arrays["pooled"] = mapped("pooled_embeddings.bin", shape)
+            if meta.get("loss_mask_elements"):
+                self._arrays["mask"] = np.memmap(self.folder / "loss_mask.bin", dtype=np.float32, mode="r",
+                                                 shape=(meta["loss_mask_elements"],))  # fmt: skip
+                self._arrays["mask_offsets"] = np.load(self.folder / "mask_offsets.npy")
         return self._arrays
 
     def __len__(self) -> int:
@@ -177,6 +200,9 @@ class CachedLatents(Dataset):
         if "pooled" in arrays:
             row["pooled_text_embedding"] = tensor(arrays["pooled"][caption_id])
             row["empty_pooled_text_embedding"] = tensor(arrays["pooled"][0])
+        if "mask" in arrays:
+            start, area = int(arrays["mask_offsets"][i]), shape[-2] * shape[-1]
+            row["loss_mask"] = tensor(arrays["mask"][start : start + area]).view(1, *shape[-2:])
         return row
 
 

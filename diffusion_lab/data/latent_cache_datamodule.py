@@ -17,7 +17,7 @@ from diffusion_lab.data.latent_cache import CACHE_FORMAT, CachedLatents, write_l
 from diffusion_lab.data.latent_cache import storage_dtype as check_storage_dtype
 from diffusion_lab.data.loaders import rank_and_world_size, resumable_loader, stream_loader
 from diffusion_lab.data.stream import ImageStream
-from diffusion_lab.data.transforms import random_flips
+from diffusion_lab.data.transforms import flip_rows, random_flips
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class LatentCacheDataModule(L.LightningDataModule):
                  "flipped": choice.bool()}  # fmt: skip
         if "crop_geometry" in batch:
             batch["crop_geometry"] = flip_crop_geometry(batch["crop_geometry"], choice.bool())
+        if "loss_mask" in batch:  # stored unflipped: mirrored with the latents it weighs
+            batch["loss_mask"] = flip_rows(batch["loss_mask"], choice.bool())
         return batch
 
 

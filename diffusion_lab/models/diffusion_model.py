@@ -89,7 +89,9 @@ class DiffusionModel(L.LightningModule, abc.ABC):
         alignment = self.alignment
         active = alignment is not None and alignment.active(self.global_step)
         masked = {}
-        if self.loss_mask is not None:  # per-pixel weights (issue 25): the batch's mask, as the config weighs it
+        if (
+            self.loss_mask is not None
+        ):  # per-pixel weights (issue 25): the batch's mask, as the config weighs it
             if "loss_mask" not in batch:
                 raise ConfigError(
                     "model/loss_mask=masked needs masks in the data: data.mask_dir=DIR (a mask per image, same "

@@ -126,7 +126,9 @@ class LatentDiffusion(DiffusionModel):
             )
         # Plain lists and dicts in the checkpoint (Hydra passes ListConfig, which weights-only loading refuses).
         lora_target_modules = list(lora_target_modules or family.lora_target_modules)
-        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler", "noise_scheduler", "preservation"])
+        self.save_hyperparameters(
+            ignore=["objective", "optimizer", "lr_scheduler", "noise_scheduler", "preservation"]
+        )
         if not isinstance(
             noise_scheduler, SchedulerMixin
         ):  # (the trained scheduler itself is in each checkpoint)

@@ -40,7 +40,9 @@ class OutputPreservation:
 
     def check(self, net: torch.nn.Module) -> None:
         if not getattr(net, "peft_config", None):
-            raise ConfigError("model/preservation=output turns the LoRA off for the base's prediction: set model.lora_rank")
+            raise ConfigError(
+                "model/preservation=output turns the LoRA off for the base's prediction: set model.lora_rank"
+            )
 
     def loss(self, model, batch: dict, x0: torch.Tensor, keys: list[int]) -> torch.Tensor:
         objective = model.objective

@@ -8,6 +8,7 @@ import importlib
 
 _DATAMODULES = {
     "DigitsDataModule": "diffusion_lab.data.digits",
+    "DreamBoothDataModule": "diffusion_lab.data.dreambooth",
     "ImageDataModule": "diffusion_lab.data.image_datamodule",
     "LatentCacheDataModule": "diffusion_lab.data.latent_cache_datamodule",
 }

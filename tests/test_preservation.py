@@ -99,3 +99,73 @@ def test_output_preservation_needs_a_lora_and_a_prompt(tiny_sd3):
         _model(tiny_sd3, lora_rank=None)
     with pytest.raises(ConfigError, match="preservation_prompt"):
         OutputPreservation(None)
+
+
+# ---- prior preservation -----------------------------------------------------------------------------------
+
+from diffusion_lab.models.preservation import PriorPreservation  # noqa: E402
+
+
+def _prior(tmp_path, **overrides) -> PriorPreservation:
+    settings = dict(class_prompt=CLASS_PROMPT, num_class_images=5, class_dir=str(tmp_path / "class"),
+                    resolution=32, num_inference_steps=2, guidance_scale=2.0, sample_batch_size=2)  # fmt: skip
+    return PriorPreservation(**{**settings, **overrides})
+
+
+def test_class_images_are_generated_once_reused_and_regenerated_when_the_prompt_changes(tiny_sd, tmp_path, monkeypatch):
+    import diffusion_lab.models.preservation as preservation
+
+    loads = []
+    real = preservation.load_sampler
+    monkeypatch.setattr(preservation, "load_sampler", lambda **kw: loads.append(kw) or real(**kw))
+    prior = _prior(tmp_path)
+    folder = prior.generate(str(tiny_sd), None, "cpu")
+    assert sorted(p.name for p in folder.iterdir()) == [f"{k:05d}.png" for k in range(5)] and len(loads) == 1
+    assert prior.generate(str(tiny_sd), None, "cpu") == folder and len(loads) == 1  # reused: no model loaded
+    other = _prior(tmp_path, class_prompt="a handwritten number").generate(str(tiny_sd), None, "cpu")
+    assert other != folder and len(loads) == 2
+    more = _prior(tmp_path, num_class_images=7)
+    assert more.generate(str(tiny_sd), None, "cpu") == folder and len(list(folder.iterdir())) == 7
+
+
+def test_a_generation_killed_part_way_resumes_with_the_missing_images_only(tiny_sd, tmp_path, monkeypatch):
+    import diffusion_lab.models.preservation as preservation
+
+    straight = _prior(tmp_path / "straight").generate(str(tiny_sd), None, "cpu")
+    saved, real_save = [], preservation.save_image
+
+    def dying_save(image, path):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # a Ctrl-C after three pictures
+        saved.append(path)
+        return real_save(image, path)
+
+    monkeypatch.setattr(preservation, "save_image", dying_save)
+    prior = _prior(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        prior.generate(str(tiny_sd), None, "cpu")
+    folder = prior.folder(str(tiny_sd))
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png"]  # no torn file
+    monkeypatch.setattr(preservation, "save_image", lambda image, path: saved.append(path) or real_save(image, path))
+    prior.generate(str(tiny_sd), None, "cpu")
+    assert [p.name for p in saved[3:]] == ["00003.png", "00004.png"]  # only the missing ones, once
+    for k in range(5):  # the same pictures as a generation that was never interrupted
+        assert (folder / f"{k:05d}.png").read_bytes() == (straight / f"{k:05d}.png").read_bytes()
+
+
+def test_a_prior_loss_weight_of_zero_trains_exactly_as_instance_only(tiny_sd, tmp_path):
+    data = lambda: DigitsDataModule(image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}")  # noqa: E731
+    prior = _prior(tmp_path, prior_loss_weight=0.0)
+    prior.generate(str(tiny_sd), None, "cpu")
+    torch.manual_seed(0)  # the LoRA's A starts random: the same for both, as seed_everything makes it in a run
+    with_zero = _model(tiny_sd, objective=None, preservation=prior)
+    torch.manual_seed(0)
+    alone = _model(tiny_sd, objective=None, preservation=None)
+    for model in (with_zero, alone):
+        bare_trainer(3).fit(model, datamodule=data())
+    for key, value in alone.net.state_dict().items():
+        assert torch.equal(with_zero.net.state_dict()[key], value), key
+    torch.manual_seed(0)
+    weighted = _model(tiny_sd, objective=None, preservation=_prior(tmp_path, prior_loss_weight=1.0))
+    bare_trainer(3).fit(weighted, datamodule=data())
+    assert any(not torch.equal(weighted.net.state_dict()[k], v) for k, v in alone.net.state_dict().items())

@@ -20,6 +20,8 @@ TIMESTEP_SALT = 0x5A5A5A5A
 POSTERIOR_SALT = 0x1A7E47
 FLIP_SALT = 0xF11B
 CAPTION_DROPOUT_SALT = 0xCA7
+CLASS_IMAGE_SALT = 0xC1A55  # prior preservation: which class picture pairs with an instance picture
+CLASS_NOISE_SALT = 0xC1A55E  # ... and its own noise and level
 
 
 def mix_key(seed: int, step: int, sample_id: int) -> int:

@@ -127,6 +127,11 @@ def _fingerprint(name_or_path: str, revision: str | None, subfolders: tuple[str,
     return f"hub:{name_or_path}@{Path(snapshot).name}"
 
 
+def model_fingerprint(pretrained: str, revision: str | None = None) -> str:
+    """Names the exact files of a whole pipeline (every component): what it generates depends on all of them."""
+    return f"model:{_fingerprint(pretrained, revision, FROZEN_SUBFOLDERS + ('unet', 'transformer', 'scheduler'))}"
+
+
 def vae_fingerprint(vae: str) -> str:
     """Names the exact files of a VAE on its own (a hub id or a folder holding its config.json)."""
     return f"vae:{_fingerprint(vae, None, ())}"

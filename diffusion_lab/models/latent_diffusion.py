@@ -176,11 +176,15 @@ class LatentDiffusion(DiffusionModel):
 
     def on_fit_start(self) -> None:
         self.encoder.restore_vae_dtype()
+        if self.preservation is not None and hasattr(self.preservation, "setup"):
+            self.preservation.setup(self)  # e.g. the class pictures' latents, on the training device
 
     def prepare_data(self) -> None:
         """With a prompt cache: the prompts callbacks will draw with (the prompt grid's, its negative, "") are
         encoded now, once per node, and the text encoders released, so training runs without them."""
         super().prepare_data()
+        if self.preservation is not None and hasattr(self.preservation, "prepare"):
+            self.preservation.prepare(self)  # e.g. the class pictures, generated once per node
         if self.prompt_cache is None:
             return
         prompts = [""]

@@ -34,7 +34,11 @@ TINY_OF_HUB_ID = {"FLUX": "tiny_flux", "stable-diffusion-3": "tiny_sd3", "Z-Imag
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds_its_model(compose_config, experiment, request):
-    cfg = compose_config(f"experiment={experiment}")
+    subject = []  # a DreamBooth recipe asks for the user's pictures and prompts
+    if "dreambooth" in experiment and not experiment.endswith("_tiny"):
+        subject = [f"data.instance_dir={request.getfixturevalue('tmp_path')}", "data.instance_prompt=a photo of sks dog",
+                   "data.class_prompt=a photo of a dog"]  # fmt: skip
+    cfg = compose_config(f"experiment={experiment}", *subject)
     assert cfg.run_name == experiment and cfg.trainer.max_steps > 0
     if cfg.model._target_.endswith("LatentDiffusion"):
         if isinstance(cfg.model.pretrained, str):
@@ -44,7 +48,7 @@ def test_every_experiment_composes_and_builds_its_model(compose_config, experime
                 cfg.model.get("quantize") == "nf4" and not torch.cuda.is_available()
             ):  # bitsandbytes needs CUDA
                 overrides.append("model.quantize=null")
-            cfg = compose_config(f"experiment={experiment}", *overrides)
+            cfg = compose_config(f"experiment={experiment}", *subject, *overrides)
         model = instantiate(cfg.model)
         assert model.net.training and not model.vae.training
     elif cfg.model._target_.endswith("LatentDiT"):  # the net's side is the VAE's latents'
@@ -170,7 +174,8 @@ DATA = sorted(
 
 @pytest.mark.parametrize("data", DATA)
 def test_every_data_config_composes_with_the_model_following_its_shape(compose_config, data):
-    cfg = compose_config(f"data={data}", *([] if data == "digits" else ["data.path=/some/local/copy"]))
+    where = {"digits": [], "dreambooth": ["data.instance_dir=/some/pictures", "data.instance_prompt=a photo of sks dog"]}
+    cfg = compose_config(f"data={data}", *where.get(data, ["data.path=/some/local/copy"]))
     assert cfg.data.image_size > 0 and cfg.model.net.in_channels == cfg.data.channels
 
 

@@ -90,3 +90,31 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+def ensure_digit_instances(out_dir: str, digit: int = 3, count: int = 8, image_size: int = 32) -> str:
+    """A DreamBooth instance folder from the embedded digits: `count` handwritten `digit`s as RGB PNGs (the
+    "subject"), written once then renamed into place. What `experiment=dreambooth_lora_tiny` trains on."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from diffusion_lab.runs.atomic import write_folder
+
+    folder = Path(out_dir)
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return str(folder)
+    pixels, labels = digits_as_images(image_size, channels=3)
+    chosen = pixels[labels == digit][:count]
+
+    def write(temporary: Path) -> None:
+        for k, image in enumerate(chosen):
+            array = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            Image.fromarray(array).save(temporary / f"{digit}_{k:02d}.png")
+
+    try:
+        write_folder(folder, write)
+    except OSError:  # another process (a DDP rank) renamed its copy into place first
+        if not folder.is_dir():
+            raise
+    return str(folder)

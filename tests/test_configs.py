@@ -174,7 +174,10 @@ DATA = sorted(
 
 @pytest.mark.parametrize("data", DATA)
 def test_every_data_config_composes_with_the_model_following_its_shape(compose_config, data):
-    where = {"digits": [], "dreambooth": ["data.instance_dir=/some/pictures", "data.instance_prompt=a photo of sks dog"]}
+    where = {
+        "digits": [],
+        "dreambooth": ["data.instance_dir=/some/pictures", "data.instance_prompt=a photo of sks dog"],
+    }
     cfg = compose_config(f"data={data}", *where.get(data, ["data.path=/some/local/copy"]))
     assert cfg.data.image_size > 0 and cfg.model.net.in_channels == cfg.data.channels
 

@@ -112,7 +112,9 @@ def _prior(tmp_path, **overrides) -> PriorPreservation:
     return PriorPreservation(**{**settings, **overrides})
 
 
-def test_class_images_are_generated_once_reused_and_regenerated_when_the_prompt_changes(tiny_sd, tmp_path, monkeypatch):
+def test_class_images_are_generated_once_reused_and_regenerated_when_the_prompt_changes(
+    tiny_sd, tmp_path, monkeypatch
+):
     import diffusion_lab.models.preservation as preservation
 
     loads = []
@@ -146,7 +148,9 @@ def test_a_generation_killed_part_way_resumes_with_the_missing_images_only(tiny_
         prior.generate(str(tiny_sd), None, "cpu")
     folder = prior.folder(str(tiny_sd))
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png"]  # no torn file
-    monkeypatch.setattr(preservation, "save_image", lambda image, path: saved.append(path) or real_save(image, path))
+    monkeypatch.setattr(
+        preservation, "save_image", lambda image, path: saved.append(path) or real_save(image, path)
+    )
     prior.generate(str(tiny_sd), None, "cpu")
     assert [p.name for p in saved[3:]] == ["00003.png", "00004.png"]  # only the missing ones, once
     for k in range(5):  # the same pictures as a generation that was never interrupted
@@ -154,10 +158,14 @@ def test_a_generation_killed_part_way_resumes_with_the_missing_images_only(tiny_
 
 
 def test_a_prior_loss_weight_of_zero_trains_exactly_as_instance_only(tiny_sd, tmp_path):
-    data = lambda: DigitsDataModule(image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}")  # noqa: E731
+    data = lambda: DigitsDataModule(
+        image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}"
+    )  # noqa: E731
     prior = _prior(tmp_path, prior_loss_weight=0.0)
     prior.generate(str(tiny_sd), None, "cpu")
-    torch.manual_seed(0)  # the LoRA's A starts random: the same for both, as seed_everything makes it in a run
+    torch.manual_seed(
+        0
+    )  # the LoRA's A starts random: the same for both, as seed_everything makes it in a run
     with_zero = _model(tiny_sd, objective=None, preservation=prior)
     torch.manual_seed(0)
     alone = _model(tiny_sd, objective=None, preservation=None)

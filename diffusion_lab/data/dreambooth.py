@@ -44,12 +44,20 @@ class DreamBoothDataModule(ImageDataModule):
         **image_settings,
     ) -> None:
         if not instance_prompt:
-            raise ConfigError("data.instance_prompt is empty: name the subject with its trigger, e.g. 'a photo of sks dog'")
+            raise ConfigError(
+                "data.instance_prompt is empty: name the subject with its trigger, e.g. 'a photo of sks dog'"
+            )
         super().__init__(path=str(instance_dir), streaming=False, val_size=val_size, caption_column="caption",
                          **image_settings)  # fmt: skip
-        self.instance_dir, self.instance_prompt, self.class_prompt = instance_dir, instance_prompt, class_prompt
+        self.instance_dir, self.instance_prompt, self.class_prompt = (
+            instance_dir,
+            instance_prompt,
+            class_prompt,
+        )
         # (ImageDataModule recorded its own arguments; these are part of what the data is, and of cache keys)
-        self.hparams.update(instance_dir=str(instance_dir), instance_prompt=instance_prompt, class_prompt=class_prompt)
+        self.hparams.update(
+            instance_dir=str(instance_dir), instance_prompt=instance_prompt, class_prompt=class_prompt
+        )
 
     def _load(self, split: str):
         rows = instance_rows(self.instance_dir, self.instance_prompt)

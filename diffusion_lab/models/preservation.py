@@ -174,9 +174,9 @@ class PriorPreservation:
         mean, std = self._latents
         picks = [key % self.num_class_images for key in salted(keys, CLASS_IMAGE_SALT)]
         noise_keys = salted(keys, CLASS_NOISE_SALT)
-        class_x0 = model.encoder.scale_latents(
-            keyed_gaussian_sample(mean[picks], std[picks], noise_keys)
-        ).to(model.net.dtype)
+        class_x0 = model.encoder.scale_latents(keyed_gaussian_sample(mean[picks], std[picks], noise_keys)).to(
+            model.net.dtype
+        )
         prompts = model.encode_prompts([self.class_prompt] * len(keys))
         class_batch = {"crop_geometry": _square_geometry(len(keys), self.resolution, x0.device)}
         conditioning = model.family.conditioning(prompts, class_batch, model.net.dtype, model.device)

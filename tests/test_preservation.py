@@ -158,9 +158,11 @@ def test_a_generation_killed_part_way_resumes_with_the_missing_images_only(tiny_
 
 
 def test_a_prior_loss_weight_of_zero_trains_exactly_as_instance_only(tiny_sd, tmp_path):
-    data = lambda: DigitsDataModule(
-        image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}"
-    )  # noqa: E731
+    def data():
+        return DigitsDataModule(
+            image_size=32, channels=3, batch_size=4, caption_template="a handwritten digit {label}"
+        )
+
     prior = _prior(tmp_path, prior_loss_weight=0.0)
     prior.generate(str(tiny_sd), None, "cpu")
     torch.manual_seed(

@@ -187,7 +187,7 @@ class LatentDiffusion(DiffusionModel):
             self.preservation.prepare(self)  # e.g. the class pictures, generated once per node
         if self.prompt_cache is None:
             return
-        prompts = [""]
+        prompts = [""] + (self.preservation.cached_prompts() if self.preservation is not None else [])
         for callback in self.trainer.callbacks:
             prompts += list(getattr(callback, "cached_prompts", list)())
         self.prompt_cache.fill(prompts, self.trainer.strategy.root_device)

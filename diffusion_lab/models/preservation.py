@@ -55,6 +55,10 @@ class OutputPreservation:
             raise ConfigError(f"model.preservation.weight must be >= 0, got {weight}")
         self.preservation_prompt, self.weight = preservation_prompt, float(weight)
 
+    def cached_prompts(self) -> list[str]:
+        """What a run with a prompt cache encodes before training (the term's prompt)."""
+        return [self.preservation_prompt]
+
     def check(self, net: torch.nn.Module) -> None:
         if not getattr(net, "peft_config", None):
             raise ConfigError(
@@ -114,6 +118,9 @@ class PriorPreservation:
 
     def check(self, net: torch.nn.Module) -> None:
         pass  # full fine-tunes and LoRA alike
+
+    def cached_prompts(self) -> list[str]:
+        return [self.class_prompt]
 
     # ---- the class pictures -----------------------------------------------------------------------------
     def folder(self, pretrained: str, revision: str | None = None) -> Path:

@@ -85,8 +85,17 @@ def decode_mask(value, from_alpha: bool = False) -> Image.Image:
     `from_alpha` the image's own alpha channel (opaque = counts). Raises BadSample when there is none."""
     try:
         image = _open(value)
-        ImageOps.exif_transpose(image, in_place=True)
+        if "exif" in image.info or image.format not in ("JPEG", "PNG"):  # turned as decode_image turns images
+            ImageOps.exif_transpose(image, in_place=True)
         if not from_alpha:
+            if image.mode in (
+                "I;16",
+                "I;16B",
+                "I;16L",
+                "I",
+                "F",
+            ):  # 16-bit / float masks: scaled, not clipped
+                return _to_8_bit(image)
             return image.convert("L")
         if image.mode not in ("RGBA", "LA", "PA") and not (
             image.mode == "P" and "transparency" in image.info
@@ -107,7 +116,7 @@ def mask_file(mask_dir: str, image_path: str | None) -> str:
         raise BadSample("data.mask_dir: the row names no image file to find its mask by")
     stem = Path(image_path).stem
     for suffix in MASK_SUFFIXES:
-        candidate = Path(mask_dir) / f"{stem}{suffix}"
+        candidate = Path(mask_dir).expanduser() / f"{stem}{suffix}"
         if candidate.is_file():
             return str(candidate)
     raise BadSample(f"no mask {stem}.png (or {', '.join(MASK_SUFFIXES[1:])}) in data.mask_dir={mask_dir}")

@@ -102,7 +102,9 @@ def ensure_digit_instances(out_dir: str, digit: int = 3, count: int = 8, image_s
     from diffusion_lab.runs.atomic import write_folder
 
     folder = Path(out_dir)
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+    names = [f"{digit}_{k:02d}.png" for k in range(count)]
+    present = folder.is_dir() and sorted(p.name for p in folder.glob("*.png")) == names
+    if present and Image.open(folder / names[0]).size == (image_size, image_size):
         return str(folder)
     pixels, labels = digits_as_images(image_size, channels=3)
     chosen = pixels[labels == digit][:count]

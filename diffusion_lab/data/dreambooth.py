@@ -54,10 +54,9 @@ class DreamBoothDataModule(ImageDataModule):
             instance_prompt,
             class_prompt,
         )
-        # (ImageDataModule recorded its own arguments; these are part of what the data is, and of cache keys)
-        self.hparams.update(
-            instance_dir=str(instance_dir), instance_prompt=instance_prompt, class_prompt=class_prompt
-        )
+        # (ImageDataModule recorded its own arguments; these are part of what the data is, and of cache keys: not
+        # the class prompt, which changes no cached latent)
+        self.hparams.update(instance_dir=str(instance_dir), instance_prompt=instance_prompt)
 
     def _load(self, split: str):
         rows = instance_rows(self.instance_dir, self.instance_prompt)

@@ -175,7 +175,12 @@ class ImageDataModule(L.LightningDataModule):
                 resized = resize_to_cover(image, plan)
             example = {"pixels": crop(resized, plan), "crop_geometry": plan.geometry()}
             if self.masked:  # the same resize and crop as the image: the mask stays on its pixels
-                example["loss_mask"] = crop(resize_to_cover(self._mask(row[h.image_column]), plan), plan)
+                mask = self._mask(row[h.image_column])
+                if h.mask_dir and mask.size != tuple(original):
+                    raise BadSample(
+                        f"its mask is {mask.size[0]}x{mask.size[1]}, the image {original[0]}x{original[1]}"
+                    )
+                example["loss_mask"] = crop(resize_to_cover(mask, plan), plan)
             if h.label_column:
                 example["label"] = row[h.label_column]
             if captions.enabled:

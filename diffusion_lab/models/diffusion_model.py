@@ -30,7 +30,7 @@ class DiffusionModel(L.LightningModule, abc.ABC):
     net: torch.nn.Module
     family: Family  # what callbacks, exports and samplers ask about this model (`families`)
     loss_mask: LossMask | None = None  # per-pixel loss weights from `batch["loss_mask"]` (latent models)
-    preservation = None  # an extra term keeping what the base model drew (models.preservation; LoRA models)
+    preservation = None  # an extra term keeping what the base model drew (models.preservation; latent models)
 
     def __init__(
         self,

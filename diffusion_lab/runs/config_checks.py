@@ -165,8 +165,21 @@ def check_latent_cache(cfg: DictConfig) -> None:
         )
 
 
+def check_loss_mask(cfg: DictConfig) -> None:
+    """Masks named in the data but no masked loss would train unmasked without a word: refused."""
+    masks = OmegaConf.select(cfg, "data.mask_dir", default=None) or OmegaConf.select(
+        cfg, "data.alpha_mask", default=False
+    )
+    if masks and OmegaConf.select(cfg, "model.loss_mask", default=None) is None:
+        raise ConfigError(
+            "data.mask_dir / data.alpha_mask give loss masks, but model/loss_mask=none ignores them: add "
+            "model/loss_mask=masked (or drop the data's mask setting)"
+        )
+
+
 def check_run_config(cfg: DictConfig) -> None:
     check_latent_cache(cfg)
+    check_loss_mask(cfg)
     refuse_renamed_keys(cfg, "train")
     check_types(cfg)
     check_values(cfg)

@@ -221,13 +221,17 @@ def test_cached_and_live_masks_give_the_same_loss_with_random_flips(tiny_sd, tmp
     assert not torch.allclose(plain.training_step(cached_batch, 0), masked)  # the mask does weigh
 
 
-def test_a_mask_of_another_size_is_skipped_and_masks_without_the_masked_loss_are_refused(tmp_path, compose_config):
+def test_a_mask_of_another_size_is_skipped_and_masks_without_the_masked_loss_are_refused(
+    tmp_path, compose_config
+):
     root = _write(tmp_path / "images", [(40, 40)] * 8, alpha=False)
     Image.fromarray(np.zeros((20, 20), dtype=np.uint8), "L").save(root / "masks" / "3.png")  # half the size
     with pytest.raises(RuntimeError, match="its mask is 20x20, the image 40x40"):
         _batches(root, mask_dir=str(root / "masks"), random_flip=False)
     from diffusion_lab.runs.config_checks import check_run_config
 
-    cfg = compose_config("model=latent", "data=imagefolder", f"data.path={root}", f"data.mask_dir={root / 'masks'}")
+    cfg = compose_config(
+        "model=latent", "data=imagefolder", f"data.path={root}", f"data.mask_dir={root / 'masks'}"
+    )
     with pytest.raises(ConfigError, match="model/loss_mask=masked"):
         check_run_config(cfg)

@@ -1,8 +1,9 @@
-"""Output preservation (issue 25): the LoRA pulled toward the base's own prediction on the class prompt, with no
-class images."""
+"""Preservation (issue 25): prior preservation with class pictures the base generates once (keyed, resumable), and
+output preservation, the LoRA pulled toward the base's own prediction on the class prompt, with none."""
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,22 @@ def test_a_prior_loss_weight_of_zero_trains_exactly_as_instance_only(tiny_sd, tm
     weighted = _model(tiny_sd, objective=None, preservation=_prior(tmp_path, prior_loss_weight=1.0))
     bare_trainer(3).fit(weighted, datamodule=data())
     assert any(not torch.equal(weighted.net.state_dict()[k], v) for k, v in alone.net.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "z_image"])
+def test_both_terms_train_every_latent_family(family, request, tmp_path):
+    """SDXL (micro-conditioning for the square class pictures), Flux (its own pipeline generating them) and
+    Z-Image take both terms as SD and SD3 do."""
+    folder = request.getfixturevalue(f"tiny_{family}")
+    flow = {} if family == "sdxl" else {"objective": functools.partial(FlowMatching, timesteps=LogitNormal())}
+    prior = _prior(tmp_path, num_class_images=2, guidance_scale=1.0)
+    for term in (prior, OutputPreservation(CLASS_PROMPT)):
+        model = _model(folder, **{**flow, "objective": flow.get("objective")}, preservation=term)
+        losses = []
+        model.log = lambda name, value, **kwargs: losses.append((name, float(value)))
+        if term is prior:
+            prior.generate(str(folder), None, "cpu")
+        bare_trainer(2).fit(model, datamodule=DigitsDataModule(image_size=32, channels=3, batch_size=2,
+                                                               caption_template="a handwritten digit {label}"))  # fmt: skip
+        kept = [value for name, value in losses if name == "train/preservation_loss"]
+        assert len(kept) == 2 and all(np.isfinite(kept))

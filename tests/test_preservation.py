@@ -191,8 +191,12 @@ def test_both_terms_train_every_latent_family(family, request, tmp_path):
     prior = _prior(tmp_path, num_class_images=2, guidance_scale=1.0)
     for term in (prior, OutputPreservation(CLASS_PROMPT)):
         model = _model(folder, **{**flow, "objective": flow.get("objective")}, preservation=term)
-        losses = []
-        model.log = lambda name, value, **kwargs: losses.append((name, float(value)))
+        losses: list = []
+
+        def log(name, value, losses=losses, **kwargs):
+            losses.append((name, float(value)))
+
+        model.log = log
         if term is prior:
             prior.generate(str(folder), None, "cpu")
         bare_trainer(2).fit(model, datamodule=DigitsDataModule(image_size=32, channels=3, batch_size=2,

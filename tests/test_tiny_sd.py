@@ -111,3 +111,15 @@ def test_tiny_transformer_families_build_offline_with_their_own_tokenizers_and_s
         first = generate("a red flower")
         assert first.shape == (1, 3, 32, 32) and torch.equal(first, generate("a red flower"))
         assert not torch.equal(first, generate("a blue flower"))
+
+
+def test_building_a_tiny_base_on_first_use_leaves_the_global_rng_as_it_was(tmp_path):
+    """A run that builds its tiny base must initialise (LoRA, heads) as a rerun that finds it does."""
+    from diffusion_lab.families.tiny import ensure_tiny_clip, ensure_tiny_sd
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ensure_tiny_sd(tmp_path / "sd")
+    ensure_tiny_clip(tmp_path / "clip")
+    assert torch.equal(torch.rand(3), expected)

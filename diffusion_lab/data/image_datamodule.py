@@ -13,6 +13,7 @@ from diffusion_lab.core.crop_geometry import flip_crop_geometry
 from diffusion_lab.data.buckets import Bucket, bucket_set, cover_and_crop, nearest_bucket
 from diffusion_lab.data.captions import CaptionMaker
 from diffusion_lab.data.decoding import BadSample, decode_image, decode_mask, mask_file
+from diffusion_lab.data.identity import folder_listing
 from diffusion_lab.data.loaders import (
     PrefetchAwareLoader,
     rank_and_world_size,
@@ -392,18 +393,6 @@ class ImageDataModule(L.LightningDataModule):
         # Cached rows are a memory-mapped slice and a crop (~25k img/s in-process on 2 cores, `bench data`):
         # loader workers would only add IPC and take cores from the model.
         return stream_loader(stream, self.hparams.batch_size, 0 if cached else self.hparams.num_workers)
-
-
-def folder_listing(folder: str) -> str:
-    """A digest of a folder's files: each name, size and modification time."""
-    import hashlib
-
-    entries = sorted(
-        f"{entry.name}:{entry.stat().st_size}:{entry.stat().st_mtime_ns}"
-        for entry in os.scandir(folder)
-        if entry.is_file()
-    )
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def pixel_shape(example: dict) -> tuple[int, ...]:

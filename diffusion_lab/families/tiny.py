@@ -1,85 +1,22 @@
 """A randomly initialised Stable Diffusion folder in the standard layout, small enough for a CPU.
 
 Tests, CI and CPU users fine-tune it through exactly the `from_pretrained(path, subfolder=...)` path the
-real checkpoint takes; nothing is downloaded. The CLIP tokenizer's vocabulary is written here: the
-byte-level alphabet (so any text tokenizes) plus whole-word merges for the words of the bundled prompts.
+real checkpoint takes; nothing is downloaded. The tokenizers are written in code (`tiny_tokenizers`).
 """
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusion_lab.families.tiny_tokenizers import (
+    write_tiny_clip_tokenizer,
+    write_tiny_qwen_tokenizer,
+    write_tiny_t5_tokenizer,
+)
 from diffusion_lab.runs.atomic import write_folder
-
-WORDS = [
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "handwritten",
-    "digit",
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "number",
-    "flower",
-    "type",
-    "picture",
-    "painting",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "white",
-    "black",
-]
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP byte-to-unicode table: every byte gets a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
-
-
-def write_tiny_clip_tokenizer(directory: Path) -> CLIPTokenizer:
-    """vocab.json + merges.txt for a CLIP BPE tokenizer over the byte alphabet and WORDS."""
-    alphabet = _byte_alphabet()
-    vocab_tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
-    merges = []
-    for word in WORDS:  # merge left to right: "p h o t o</w>" -> "ph" -> "pho" -> ... -> "photo</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab_tokens.append(pieces[0])
-    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {}
-    for token in vocab_tokens:
-        vocab.setdefault(token, len(vocab))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    unique_merges = list(dict.fromkeys(merges))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(unique_merges) + "\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
 
 
 def build_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:
@@ -224,7 +161,8 @@ def ensure_tiny_clip(out_dir: str | Path, image_size: int = 32, seed: int = 0) -
     """The tiny CLIP folder, built first if it is not there yet (configs use it as `clip_model`)."""
     out_dir = Path(out_dir)
     if not (out_dir / "model.safetensors").exists():
-        build_tiny_clip(out_dir, image_size=image_size, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            build_tiny_clip(out_dir, image_size=image_size, seed=seed)
     return str(out_dir)
 
 
@@ -235,8 +173,9 @@ def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, va
 
     out_dir = Path(out_dir)
     if not (out_dir / "model_index.json").exists():
-        try:
-            family_named(variant).build_tiny(out_dir, sample_size=sample_size, seed=seed)
+        try:  # (in a forked RNG: a run that builds its base must draw what a rerun that finds it draws)
+            with torch.random.fork_rng(devices=[]):
+                family_named(variant).build_tiny(out_dir, sample_size=sample_size, seed=seed)
         except OSError:  # another process (a DDP rank) renamed its copy into place first
             if not (out_dir / "model_index.json").exists():
                 raise
@@ -246,21 +185,6 @@ def ensure_tiny_sd(out_dir: str | Path, sample_size: int = 32, seed: int = 0, va
 def ensure_tiny_vae(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> str:
     """The VAE folder of a tiny SD checkpoint (built first if need be): a frozen VAE for a latent DiT on a CPU."""
     return str(Path(ensure_tiny_sd(out_dir, sample_size=sample_size, seed=seed)) / "vae")
-
-
-def write_tiny_t5_tokenizer(directory: Path):
-    """A T5 (SentencePiece unigram) tokenizer over WORDS and single characters, built in code (no `spiece.model`
-    download) and saved like a hub one: pad 0, eos 1, unk 2, as T5's."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + word, -1.0) for word in WORDS]
-    vocab += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
 
 
 def _tiny_flow_vae(sample_size: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
@@ -342,37 +266,6 @@ def build_tiny_flux(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -
         text_encoder_2=_tiny_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
     )  # fmt: skip
     return write_folder(Path(out_dir), pipeline.save_pretrained)
-
-
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tiny_qwen_tokenizer(directory: Path):
-    """A Qwen2 byte-level BPE tokenizer over the byte alphabet and WORDS (with Qwen's leading-space pieces), its
-    chat markers as special tokens and a ChatML template, as Qwen3's."""
-    from transformers import Qwen2Tokenizer
-
-    alphabet = _byte_alphabet()
-    vocab_tokens, merges = list(alphabet), []
-    space = alphabet[ord(" ")]  # "Ġ"
-    for word in WORDS:
-        for piece in (word, space + word):
-            symbols = list(piece)
-            while len(symbols) > 1:
-                merges.append((symbols[0], symbols[1]))
-                symbols = [symbols[0] + symbols[1], *symbols[2:]]
-                vocab_tokens.append(symbols[0])
-    vocab = {}
-    for token in vocab_tokens:
-        vocab.setdefault(token, len(vocab))
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return tokenizer
 
 
 def build_tiny_z_image(out_dir: str | Path, sample_size: int = 32, seed: int = 0) -> Path:

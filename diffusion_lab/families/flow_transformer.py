@@ -9,18 +9,16 @@ A subclass names its classes and says how the transformer is called (`denoiser`)
 """
 
 import abc
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.families.base import ModelParts
-from diffusion_lab.families.lora import add_lora, save_kohya, save_lora
 from diffusion_lab.families.prompts import PipelinePromptEncoder, PromptEmbeddings
 from diffusion_lab.families.quantization import base_loading
 from diffusion_lab.families.sd_parts import decode_in_own_dtype, load_vae
-from diffusion_lab.families.stable_diffusion import StableDiffusion, public_config
+from diffusion_lab.families.stable_diffusion import StableDiffusion
 from diffusion_lab.generation.samplers import TextToImageSampler
 
 NOT_FROZEN = ("transformer", "scheduler")
@@ -40,12 +38,6 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         return False  # every checkpoint of these families names its family
-
-    @property
-    def pipeline_class(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_classes[0])
 
     # ---- text -------------------------------------------------------------------------------------------
     def text_options(self, max_sequence_length: int | None = None, use_t5: bool = True) -> dict:
@@ -140,21 +132,6 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
                 **self.text_options(**text)}  # fmt: skip
         return ModelParts(net, scheduler, frozen, base)
 
-    def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
-        from diffusion_lab.families.checkpoints import load_trained_weights, trained_scheduler
-
-        hyper = checkpoint["hyper_parameters"]
-        parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"),
-                                quantize=hyper.get("quantize"), base_dtype=hyper.get("base_dtype"),
-                                max_sequence_length=hyper.get("max_sequence_length"),
-                                use_t5=hyper.get("use_t5", True))  # fmt: skip
-        parts.noise_scheduler = trained_scheduler(checkpoint) or parts.noise_scheduler
-        if hyper.get("lora_rank"):
-            add_lora(parts.net, hyper["lora_rank"], hyper.get("lora_alpha"),
-                     hyper.get("lora_target_modules") or self.lora_target_modules)  # fmt: skip
-        load_trained_weights(parts.net, checkpoint)
-        return parts
-
     def parts_from_pipeline(self, pipeline) -> ModelParts:
         frozen = {name: part for name, part in pipeline.components.items() if name not in NOT_FROZEN}
         return ModelParts(
@@ -168,6 +145,13 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
             raise ConfigError(
                 f"model.attention={attention}: the {self.name} family runs diffusers' own SDPA processors (sdpa only)"
             )
+
+    def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
+        """SD3's and Flux's transformer arguments: the context and the pooled vector."""
+        return {
+            "encoder_hidden_states": prompts.hidden.to(dtype),
+            "pooled_projections": prompts.pooled.to(dtype),
+        }
 
     # ---- using them -------------------------------------------------------------------------------------
     def pipeline(self, parts: ModelParts, scheduler=None):
@@ -192,16 +176,3 @@ class FlowTransformerFamily(StableDiffusion, abc.ABC):
 
     def sampler_from_pipeline(self, pipeline) -> TextToImageSampler:
         return TextToImageSampler(pipeline, own_scheduler=True, schedulers=self.sampling_schedulers)
-
-    def save_pipeline(self, parts: ModelParts, folder: Path) -> Path:
-        """A full model: the pipeline folder. A LoRA: its adapters, plus `scheduler/` when the training schedule
-        differs from the base model's (another shift), which `sample ... lora=` loads with them."""
-        if parts.has_lora:
-            base = (parts.base or {}).get("scheduler_config")
-            changed = base is not None and public_config(parts.noise_scheduler.config) != public_config(base)
-            return save_lora(parts.net, folder, self.pipeline_class, component="transformer",
-                             scheduler=self.sampling_scheduler(parts) if changed else None)  # fmt: skip
-        return super().save_pipeline(parts, folder)
-
-    def save_kohya(self, parts: ModelParts, folder: Path) -> Path:
-        return save_kohya(parts.net, folder, self.kohya_prefix)

@@ -87,12 +87,6 @@ class Flux(FlowTransformerFamily):
 
         return inputs
 
-    def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
-        return {
-            "encoder_hidden_states": prompts.hidden.to(dtype),
-            "pooled_projections": prompts.pooled.to(dtype),
-        }
-
     def denoiser(self, net: torch.nn.Module, training_guidance: float | None = None):
         """Packs x_t, adds the position ids and the guidance, calls the transformer with sigma as its timestep
         (the pipeline divides its timesteps by 1000), and unpacks the velocity."""

@@ -75,12 +75,6 @@ class StableDiffusion3(FlowTransformerFamily):
         )  # fmt: skip
         return PromptEmbeddings(hidden, pooled)
 
-    def conditioning(self, prompts: PromptEmbeddings, batch: dict, dtype: torch.dtype, device) -> dict:
-        return {
-            "encoder_hidden_states": prompts.hidden.to(dtype),
-            "pooled_projections": prompts.pooled.to(dtype),
-        }
-
     def denoiser(self, net: torch.nn.Module, training_guidance: float | None = None):
         """The MMDiT takes the latents and the timestep (sigma * 1000, as the pipeline feeds it) by name."""
 

@@ -50,6 +50,13 @@ class StableDiffusion(Family):
         None  # a guidance-distilled model's (Flux dev) training guidance
     )
 
+    @property
+    def pipeline_class(self):
+        """The diffusers class this family's folders hold (`pipeline_classes[0]`)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
     def owns_legacy_checkpoint(self, checkpoint: dict) -> bool:
         hyper = checkpoint.get("hyper_parameters", {})
         if "pretrained" not in hyper:
@@ -108,7 +115,9 @@ class StableDiffusion(Family):
     def parts_from_checkpoint(self, checkpoint: dict) -> ModelParts:
         hyper = checkpoint["hyper_parameters"]
         parts = self.load_parts(hyper["pretrained"], hyper.get("revision"), hyper.get("vae"),
-                                base_dtype=hyper.get("base_dtype"))  # fmt: skip
+                                quantize=hyper.get("quantize"), base_dtype=hyper.get("base_dtype"),
+                                max_sequence_length=hyper.get("max_sequence_length"),
+                                use_t5=hyper.get("use_t5", True))  # fmt: skip
         trained = trained_scheduler(checkpoint)
         if trained is None and hyper.get("zero_terminal_snr"):  # written before objectives existed
             trained = with_zero_terminal_snr(parts.noise_scheduler)
@@ -188,12 +197,10 @@ class StableDiffusion(Family):
         UNet (plain diffusers loads a folder of one dtype). LoRA: the adapters in the diffusers LoRA format, for
         `DiffusionPipeline.from_pretrained(<base>).load_lora_weights(folder)`, plus that scheduler when the
         training schedule differs from the base model's (e.g. v-prediction on an epsilon base)."""
-        pipeline_class = type(self.pipeline(parts))
         if parts.has_lora:
-            changed = public_config(parts.noise_scheduler.config) != public_config(
-                parts.base["scheduler_config"]
-            )
-            return save_lora(parts.net, folder, pipeline_class,
+            base = (parts.base or {}).get("scheduler_config")
+            changed = base is not None and public_config(parts.noise_scheduler.config) != public_config(base)
+            return save_lora(parts.net, folder, self.pipeline_class, component=self.denoiser_name,
                              scheduler=self.sampling_scheduler(parts) if changed else None)  # fmt: skip
         vae = parts.frozen["vae"]
         dtype = vae.dtype
